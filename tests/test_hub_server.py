@@ -105,16 +105,17 @@ files = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") i
 print(json.dumps({{"snapshot": str(snapshot), "files": files, "single": pathlib.Path(single).read_text()}}))
 """
     hf_home = tmp_path / "fresh-hf-home"
-    out = subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-c", script],
+        check=False,
         env=client_env(hub, hf_home),
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
-        check=True,
     )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
     snapshot = Path(result["snapshot"])
     assert snapshot.is_relative_to(hf_home) and snapshot.name == commit.oid
     assert result["files"] == [".gitattributes", "config.json", "model.safetensors", "nested/notes.txt"]
