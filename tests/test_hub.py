@@ -143,6 +143,10 @@ def test_resume_from_a_branch_a_local_folder_and_clear_errors(hub, api, tmp_path
     assert resolve_resume_checkpoint(str(state), tmp_path / "cache") == state
     with pytest.raises(FileNotFoundError, match="hub_strategy='checkpoint'"):
         resolve_resume_checkpoint(REPO, tmp_path / "cache", endpoint=hub.endpoint)
+    with pytest.raises(FileNotFoundError, match="no Hub repo test-user/never-pushed at revision main"):
+        resolve_resume_checkpoint("test-user/never-pushed", tmp_path / "cache", endpoint=hub.endpoint)
+    with pytest.raises(FileNotFoundError, match="at revision no-such-branch"):
+        resolve_resume_checkpoint(f"{REPO}@no-such-branch", tmp_path / "cache", endpoint=hub.endpoint)
     with pytest.raises(FileNotFoundError, match="not a Hub repo id"):
         resolve_resume_checkpoint(str(tmp_path / "no" / "such" / "folder"), tmp_path / "cache")
 

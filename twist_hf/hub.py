@@ -6,6 +6,7 @@ and a hung Hub would otherwise block training forever. Create it on the main pro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token, snapshot_download
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import filter_repo_objects, set_client_factory
 
 logger = logging.getLogger(__name__)
@@ -168,6 +170,8 @@ class HubPusher:
             self._closed = True
             self._condition.notify_all()
         finished = self.wait(timeout)
+        with contextlib.suppress(OSError):
+            self._staging_root.rmdir()  # empty unless an abandoned upload still reads its snapshot
         summary = self._summary(finished, timeout)
         (logger.info if summary.ok else logger.warning)("%s", summary.message)
         return summary
@@ -193,9 +197,13 @@ class HubPusher:
     def _snapshot(self, model_dir: str | Path, checkpoint_dir: str | Path | None) -> Path:
         """Copy what will be pushed, so that later saves cannot change a push half-way."""
         staging = Path(tempfile.mkdtemp(dir=self._staging_root))
-        _copy_tree(Path(model_dir), staging, self.ignore_patterns)
-        if checkpoint_dir is not None:
-            _copy_tree(Path(checkpoint_dir), staging / CHECKPOINT_FOLDER, [])
+        try:
+            _copy_tree(Path(model_dir), staging, self.ignore_patterns)
+            if checkpoint_dir is not None:
+                _copy_tree(Path(checkpoint_dir), staging / CHECKPOINT_FOLDER, [])
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         return staging
 
     def _dispatch_loop(self) -> None:
@@ -318,14 +326,20 @@ def resolve_resume_checkpoint(
     repo_id, _, revision = str(spec).partition("@")
     if not _REPO_ID.fullmatch(repo_id):
         raise FileNotFoundError(f"Cannot resume from {spec!r}: no such local folder, and not a Hub repo id.")
-    snapshot = snapshot_download(
-        repo_id,
-        revision=revision or None,
-        allow_patterns=[f"{CHECKPOINT_FOLDER}/**"],
-        cache_dir=cache_dir,
-        token=token,
-        endpoint=endpoint,
-    )
+    try:
+        snapshot = snapshot_download(
+            repo_id,
+            revision=revision or None,
+            allow_patterns=[f"{CHECKPOINT_FOLDER}/**"],
+            cache_dir=cache_dir,
+            token=token,
+            endpoint=endpoint,
+        )
+    except (RepositoryNotFoundError, RevisionNotFoundError) as error:
+        raise FileNotFoundError(
+            f"Cannot resume from {spec!r}: no such local folder, and no Hub repo {repo_id} at revision "
+            f"{revision or 'main'} (or no access to it with this token)."
+        ) from error
     checkpoint = Path(snapshot) / CHECKPOINT_FOLDER
     if not checkpoint.is_dir():
         raise FileNotFoundError(
