@@ -148,9 +148,10 @@ class TwistConfig(PreTrainedConfig):
             self.backbone_config = _backbone_config_from_dict(self.backbone_config)
         self.image_mean = list(self.image_mean if self.image_mean is not None else IMAGENET_MEAN)
         self.image_std = list(self.image_std if self.image_std is not None else IMAGENET_STD)
+        self._check_twist_arguments()
         super().__post_init__(**kwargs)
 
-    def validate_twist_arguments(self):
+    def _check_twist_arguments(self) -> None:
         """Reject values the method cannot train with, saying what to use instead."""
         _check_choice("head_norm", self.head_norm, HEAD_NORMS)
         _check_choice("head_activation", self.head_activation, HEAD_ACTIVATIONS)
@@ -171,6 +172,19 @@ class TwistConfig(PreTrainedConfig):
                 "small_image_stem only applies to ResNet backbones, "
                 f"but the backbone is {self.backbone_config.model_type!r}. Set small_image_stem=False."
             )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> TwistConfig:
+        """Load a TWIST config; a folder or repo holding another model type is a clear error."""
+        config_dict, _ = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        model_type = config_dict.get("model_type")
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a {model_type!r} model, not a TWIST one "
+                f"(model_type {cls.model_type!r}). Load it with its own class or AutoModel, or convert the "
+                "authors' TWIST weights with `python -m twist_hf.convert_official_checkpoint`."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> TwistConfig:

@@ -39,6 +39,8 @@ FASHION_MNIST_CLASSES = (
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
 BUILTIN_FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist")
+# datasets' builders that read local files given by data_dir / data_files.
+LOCAL_FILE_BUILDERS = ("imagefolder", "parquet", "webdataset", "arrow")
 
 _IDX_FILE_PREFIX = {"train": "train", "test": "t10k"}
 _IDX_IMAGES_MAGIC = 2051
@@ -192,7 +194,11 @@ def _check_local_path(path: str, argument: str, hint: str) -> None:
 def _check_builder_arguments(
     name: str, data_dir: str | None, data_files: str | Sequence[str] | dict | None
 ) -> None:
-    """Validate the paths a packaged builder (imagefolder, parquet, ...) needs before datasets runs."""
+    """Validate the local paths a file-format builder (imagefolder, parquet, ...) needs before datasets runs.
+
+    For Hub ids, data_dir and data_files are paths inside the dataset repository and are not checked here."""
+    if name not in LOCAL_FILE_BUILDERS:
+        return
     if name == "imagefolder" and data_dir is None and data_files is None:
         raise ValueError(
             "load_image_dataset('imagefolder') needs data_dir= (a folder with one sub-folder per class, "

@@ -48,9 +48,10 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 def all_reduce_sum(tensor: torch.Tensor, group=None, group_size: int | None = None) -> torch.Tensor:
-    """Differentiable sum over the ranks of ``group`` (default: all); identity in a single process."""
-    size = world_size() if group is None else (group_size or dist.get_world_size(group))
-    if size == 1:
+    """Differentiable sum over the ``group_size`` ranks of ``group`` (default: all); identity over one rank."""
+    if group_size is None:
+        group_size = world_size() if group is None else dist.get_world_size(group)
+    if group_size == 1:
         return tensor
     return _AllReduceSum.apply(tensor, group)
 

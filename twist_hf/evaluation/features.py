@@ -1,0 +1,117 @@
+"""Frozen-feature extraction for TWIST models and the backbone of any Hugging Face vision model."""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, AutoModel, BaseImageProcessor, PreTrainedModel
+
+import twist_hf  # noqa: F401  (registers the "twist" model type with the Auto classes)
+
+from .data import ImageClassificationCollator, ProcessorTransform
+
+TWIST_MODEL_TYPE = "twist"
+
+
+@dataclass
+class FeatureSet:
+    """Features (N, F), TWIST head logits (N, K) or None, and labels (N,), in dataset order, on the CPU."""
+
+    features: torch.Tensor
+    logits: torch.Tensor | None
+    labels: torch.Tensor
+
+
+class FeatureModel(nn.Module):
+    """Maps pixel_values to (features, head logits or None) for a TwistModel or any HF vision backbone.
+
+    Backbone features are pooler_output flattened; without a (trained) pooler, the CLS token of a
+    transformer or the spatial mean of a CNN feature map.
+    """
+
+    def __init__(self, model: PreTrainedModel, use_pooler: bool = True):
+        super().__init__()
+        self.model = model
+        self.use_pooler = use_pooler
+        self.is_twist = model.config.model_type == TWIST_MODEL_TYPE
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        outputs = self.model(pixel_values=pixel_values, return_dict=True)
+        if self.is_twist:
+            return outputs.pooler_output, outputs.logits
+        pooled = getattr(outputs, "pooler_output", None)
+        if self.use_pooler and pooled is not None:
+            return pooled.flatten(1), None
+        hidden = outputs.last_hidden_state
+        return (hidden[:, 0] if hidden.ndim == 3 else hidden.flatten(2).mean(dim=2)), None
+
+
+def load_feature_model(name_or_path: str) -> tuple[FeatureModel, BaseImageProcessor]:
+    """Load a model folder or Hub id with AutoModel, and its image processor, ready for extraction.
+
+    A pooler whose weights the checkpoint lacks (e.g. ViTModel from a classifier) is freshly random,
+    so it is skipped in favour of the CLS token.
+    """
+    model, loading_info = AutoModel.from_pretrained(name_or_path, output_loading_info=True)
+    untrained_pooler = any(key.startswith("pooler.") for key in loading_info["missing_keys"])
+    try:
+        processor = AutoImageProcessor.from_pretrained(name_or_path)
+    except OSError as error:
+        raise ValueError(
+            f"{name_or_path} has no image processor (preprocessor_config.json); save one next to the model "
+            "so that evaluation preprocesses images the way the model expects."
+        ) from error
+    return FeatureModel(model.eval(), use_pooler=not untrained_pooler), processor
+
+
+def extract_features(
+    model: FeatureModel,
+    dataset: Dataset,
+    processor: BaseImageProcessor,
+    image_column: str = "image",
+    label_column: str = "label",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    accelerator: Accelerator | None = None,
+    description: str = "features",
+) -> FeatureSet:
+    """Run the frozen model over a labelled dataset in batches and return its FeatureSet in dataset order.
+
+    Under several Accelerate processes each takes a shard; results are gathered in order, padding dropped.
+    """
+    if len(dataset) == 0:
+        raise ValueError(f"Cannot extract {description} from an empty dataset; check the split and its size.")
+    accelerator = accelerator or Accelerator()
+    collator = ImageClassificationCollator(ProcessorTransform(processor), image_column, label_column)
+    loader = accelerator.prepare_data_loader(
+        DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, collate_fn=collator, num_workers=num_workers
+        )
+    )
+    model = model.to(accelerator.device).eval()
+    parts: list[dict[str, torch.Tensor]] = []
+    progress = tqdm(loader, desc=description, disable=not accelerator.is_local_main_process)
+    with torch.inference_mode(), _bf16_autocast_on_gpu(accelerator.device):
+        for batch in progress:
+            features, logits = model(batch["pixel_values"])
+            outputs = {"features": features.float(), "labels": batch["labels"]}
+            if logits is not None:
+                outputs["logits"] = logits.float()
+            parts.append({key: value.cpu() for key, value in accelerator.gather_for_metrics(outputs).items()})
+    return FeatureSet(
+        features=torch.cat([part["features"] for part in parts]),
+        logits=torch.cat([part["logits"] for part in parts]) if "logits" in parts[0] else None,
+        labels=torch.cat([part["labels"] for part in parts]),
+    )
+
+
+def _bf16_autocast_on_gpu(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, nothing elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

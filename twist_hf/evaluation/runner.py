@@ -1,0 +1,281 @@
+"""Run the requested evaluation protocols on one model and dataset, then write results and figures."""
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from twist_hf.data import BUILTIN_FASHION_MNIST_NAMES
+
+from .arguments import ClusterArguments, EvalArguments, KnnArguments, LinearArguments, SemiArguments
+from .clustering import cluster_metrics, hungarian_match, matched_class_probabilities, matched_predictions
+from .data import LabelledSplits, class_balanced_subset, load_labelled_splits, subset_from_file
+from .features import FeatureModel, FeatureSet, extract_features, load_feature_model
+from .finetune import linear_probe_on_images, semi_supervised_finetune
+from .knn import knn_evaluate
+from .linear import linear_probe_on_features
+from .plots import plot_confusion_matrix, plot_top3_predictions, plot_training_curves
+from .reporting import save_eval_results, update_model_card
+
+logger = logging.getLogger(__name__)
+
+# Semi-supervised recipes of the paper per label fraction: (epochs, backbone lr per 256 images).
+SEMI_RECIPES = {0.01: (20, 0.04), 0.1: (20, 0.02), 1.0: (30, 0.01)}
+HUB_DATASET_IDS = dict.fromkeys(BUILTIN_FASHION_MNIST_NAMES, "zalando-datasets/fashion_mnist")
+
+
+def run_evaluation(
+    eval_args: EvalArguments,
+    knn_args: KnnArguments | None = None,
+    linear_args: LinearArguments | None = None,
+    semi_args: SemiArguments | None = None,
+    cluster_args: ClusterArguments | None = None,
+    accelerator: Accelerator | None = None,
+) -> dict[str, float]:
+    """Evaluate eval_args.model with every requested protocol; returns the metrics (no `eval_` prefix)."""
+    knn_args, linear_args = knn_args or KnnArguments(), linear_args or LinearArguments()
+    semi_args, cluster_args = semi_args or SemiArguments(), cluster_args or ClusterArguments()
+    accelerator = accelerator or Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    feature_model, processor = load_feature_model(eval_args.model)
+    protocols = _applicable_protocols(eval_args, feature_model)
+    splits = load_labelled_splits(
+        eval_args.dataset,
+        eval_args.train_split,
+        eval_args.test_split,
+        eval_args.image_column,
+        eval_args.label_column,
+        eval_args.dataset_config,
+        eval_args.max_train_samples,
+        eval_args.max_test_samples,
+    )
+    output_dir = Path(eval_args.output_dir or _default_output_dir(eval_args.model))
+    features = _cached_features(
+        eval_args, linear_args, protocols, feature_model, processor, splits, accelerator
+    )
+    metrics: dict[str, float] = {}
+    if "knn" in protocols:
+        metrics |= _run_knn(features, splits, knn_args)
+    if "linear" in protocols:
+        metrics |= _run_linear(
+            eval_args, linear_args, features, feature_model, processor, splits, accelerator
+        )
+    if "cluster" in protocols:
+        metrics |= cluster_metrics(features["test"].logits, features["test"].labels, splits.num_classes)
+    if "semi" in protocols:
+        metrics |= _run_semi(eval_args, semi_args, processor, splits, accelerator)
+    if accelerator.is_main_process:
+        _write_outputs(eval_args, cluster_args, metrics, features, splits, output_dir)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _applicable_protocols(eval_args: EvalArguments, feature_model: FeatureModel) -> tuple[str, ...]:
+    """The requested protocols; `cluster` needs a TWIST head (an error if asked for, skipped under `all`)."""
+    if feature_model.is_twist:
+        return eval_args.protocols
+    if eval_args.protocol == "cluster":
+        raise ValueError(
+            f"The cluster protocol uses the TWIST head's class distribution, but {eval_args.model} is a "
+            f"{feature_model.model.config.model_type!r} model without one. Use a TWIST model or another "
+            "protocol."
+        )
+    if "cluster" in eval_args.protocols:
+        logger.warning("%s has no TWIST head: skipping the cluster protocol.", eval_args.model)
+    return tuple(p for p in eval_args.protocols if p != "cluster")
+
+
+def _cached_features(
+    eval_args: EvalArguments,
+    linear_args: LinearArguments,
+    protocols: tuple[str, ...],
+    feature_model: FeatureModel,
+    processor,
+    splits: LabelledSplits,
+    accelerator: Accelerator,
+) -> dict[str, FeatureSet]:
+    """Frozen features of the splits that the feature-based protocols (knn, fast linear, cluster) need."""
+    needs_train = "knn" in protocols or ("linear" in protocols and linear_args.linear_mode == "fast")
+    needed = (["train"] if needs_train else []) + (["test"] if needs_train or "cluster" in protocols else [])
+    return {
+        name: extract_features(
+            feature_model,
+            getattr(splits, name),
+            processor,
+            splits.image_column,
+            splits.label_column,
+            eval_args.batch_size,
+            eval_args.num_workers,
+            accelerator,
+            description=f"{name} features",
+        )
+        for name in needed
+    }
+
+
+def _run_knn(
+    features: dict[str, FeatureSet], splits: LabelledSplits, knn_args: KnnArguments
+) -> dict[str, float]:
+    """kNN accuracies for every k in knn_args."""
+    train, test = features["train"], features["test"]
+    return knn_evaluate(
+        train.features,
+        train.labels,
+        test.features,
+        test.labels,
+        splits.num_classes,
+        knn_args.knn_k,
+        knn_args.knn_temperature,
+        knn_args.knn_chunk_size,
+    )
+
+
+def _run_linear(
+    eval_args: EvalArguments,
+    linear_args: LinearArguments,
+    features: dict[str, FeatureSet],
+    feature_model: FeatureModel,
+    processor,
+    splits: LabelledSplits,
+    accelerator: Accelerator,
+) -> dict[str, float]:
+    """The fast feature-cache probe or the paper's image probe, as linear_args.linear_mode says."""
+    if linear_args.linear_mode == "paper":
+        return linear_probe_on_images(
+            feature_model,
+            splits,
+            processor,
+            linear_args.linear_epochs,
+            linear_args.linear_batch_size,
+            linear_args.linear_base_lr,
+            eval_args.num_workers,
+            accelerator,
+        )
+    train, test = features["train"], features["test"]
+    device = accelerator.device
+    return linear_probe_on_features(
+        train.features.to(device),
+        train.labels.to(device),
+        test.features.to(device),
+        test.labels.to(device),
+        splits.num_classes,
+        linear_args.linear_lrs,
+        linear_args.linear_epochs,
+        linear_args.linear_batch_size,
+        linear_args.linear_val_fraction,
+        eval_args.seed,
+    )
+
+
+def _run_semi(
+    eval_args: EvalArguments,
+    semi_args: SemiArguments,
+    processor,
+    splits: LabelledSplits,
+    accelerator: Accelerator,
+) -> dict[str, float]:
+    """Fine-tune once per label subset (each fraction, or the subset file) and report top-1/top-5."""
+    metrics: dict[str, float] = {}
+    for name, indices in _label_subsets(eval_args, semi_args, splits).items():
+        default_epochs, default_backbone_lr = semi_recipe(len(indices) / len(splits.train))
+        torch.manual_seed(eval_args.seed)
+        accuracy = semi_supervised_finetune(
+            eval_args.model,
+            splits,
+            processor,
+            indices,
+            semi_args.semi_epochs or default_epochs,
+            semi_args.semi_backbone_lr or default_backbone_lr,
+            semi_args.semi_head_lr,
+            semi_args.semi_batch_size,
+            eval_args.num_workers,
+            accelerator,
+        )
+        metrics |= {f"semi_{name}_top1": accuracy["top1"], f"semi_{name}_top5": accuracy["top5"]}
+    return metrics
+
+
+def _label_subsets(
+    eval_args: EvalArguments, semi_args: SemiArguments, splits: LabelledSplits
+) -> dict[str, np.ndarray]:
+    """Training-row indices per subset name: `subset` from the file, else `{pct}pct` per fraction."""
+    if semi_args.semi_subset_file is not None:
+        indices = subset_from_file(
+            splits.train, semi_args.semi_subset_file, splits.image_column, semi_args.semi_id_column
+        )
+        return {"subset": indices}
+    labels = np.asarray(splits.train[splits.label_column])
+    return {
+        f"{fraction * 100:g}pct": class_balanced_subset(labels, fraction, eval_args.seed)
+        for fraction in semi_args.semi_label_fractions
+    }
+
+
+def semi_recipe(label_fraction: float) -> tuple[int, float]:
+    """(epochs, backbone lr) of the paper's recipe for the standard fraction nearest on a log scale."""
+    nearest = min(SEMI_RECIPES, key=lambda f: abs(math.log(f) - math.log(label_fraction)))
+    return SEMI_RECIPES[nearest]
+
+
+def _write_outputs(
+    eval_args: EvalArguments,
+    cluster_args: ClusterArguments,
+    metrics: dict[str, float],
+    features: dict[str, FeatureSet],
+    splits: LabelledSplits,
+    output_dir: Path,
+) -> None:
+    """eval_results.json, the model card's model-index, and the figures."""
+    save_eval_results(metrics, output_dir)
+    if eval_args.update_model_card and os.path.isdir(eval_args.model):
+        update_model_card(eval_args.model, metrics, _card_dataset_id(eval_args))
+    if eval_args.figures and "cluster_acc" in metrics:
+        _cluster_figures(
+            features["test"], splits, cluster_args.cluster_figure_images, eval_args.seed, output_dir
+        )
+    if eval_args.training_log is not None:
+        plot_training_curves(eval_args.training_log, output_dir / "training_curves.png")
+
+
+def _card_dataset_id(eval_args: EvalArguments) -> str:
+    """The evaluation dataset as the model card names it: --dataset_name, a Hub id, or the folder's name."""
+    if eval_args.dataset_name is not None:
+        return eval_args.dataset_name
+    if os.path.isdir(eval_args.dataset):
+        return Path(eval_args.dataset).resolve().name
+    return HUB_DATASET_IDS.get(eval_args.dataset, eval_args.dataset)
+
+
+def _cluster_figures(
+    test: FeatureSet, splits: LabelledSplits, count: int, seed: int, output_dir: Path
+) -> None:
+    """top3_predictions.png on a seeded sample of test images and the matched confusion_matrix.png."""
+    clusters = test.logits.argmax(dim=1).numpy()
+    labels = test.labels.numpy()
+    cluster_to_label = hungarian_match(clusters, labels, test.logits.shape[1], splits.num_classes)
+    plot_confusion_matrix(
+        labels,
+        matched_predictions(clusters, cluster_to_label),
+        splits.class_names,
+        output_dir / "confusion_matrix.png",
+    )
+    chosen = np.sort(
+        np.random.default_rng(seed).choice(len(labels), size=min(count, len(labels)), replace=False)
+    )
+    probabilities = matched_class_probabilities(test.logits[chosen].softmax(dim=1), cluster_to_label)
+    images = splits.test.select(chosen)[splits.image_column]
+    plot_top3_predictions(
+        images,
+        probabilities,
+        labels[chosen].tolist(),
+        splits.class_names,
+        output_dir / "top3_predictions.png",
+    )
+
+
+def _default_output_dir(model: str) -> str:
+    """The model folder itself, or eval_outputs/<hub id with / as __> for a Hub model."""
+    return model if os.path.isdir(model) else os.path.join("eval_outputs", model.replace("/", "__"))

@@ -1,0 +1,494 @@
+"""TWIST augmentations: the paper's multi-crop / two-view transform (torchvision v2, per image), a fast
+batched version for small in-memory images (one affine grid_sample per view), and evaluation transforms."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from PIL import Image as PILImage
+from torchvision.transforms import InterpolationMode, v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_RATIO = (3 / 4, 4 / 3)
+PRETRAINING_GLOBAL_SCALE = (0.4, 1.0)
+PRETRAINING_LOCAL_SCALE = (0.05, 0.4)
+SELF_LABELING_GLOBAL_SCALE = (0.14, 1.0)
+SELF_LABELING_LOCAL_SCALE = (0.05, 0.14)
+# Per view: global 0, global 1, then every local crop (spec section 5).
+BLUR_PROBABILITIES = (1.0, 0.1, 0.5)
+SOLARIZE_PROBABILITIES = (0.0, 0.2, 0.0)
+_RANDOM_RESIZED_CROP_ATTEMPTS = 10
+_GRAYSCALE_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def self_labeling_crop_scales() -> dict[str, tuple[float, float]]:
+    """Harder crops of the self-labeling phase (spec section 4), as keyword arguments for either transform."""
+    return {"global_scale": SELF_LABELING_GLOBAL_SCALE, "local_scale": SELF_LABELING_LOCAL_SCALE}
+
+
+def _check_scale(name: str, scale: Sequence[float]) -> tuple[float, float]:
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"{name} must be (min, max) with 0 < min <= max <= 1, got {scale}.")
+    return float(scale[0]), float(scale[1])
+
+
+def _check_probability(name: str, probability: float) -> float:
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {probability}.")
+    return float(probability)
+
+
+def _check_view_probabilities(name: str, probabilities: Sequence[float]) -> tuple[float, float, float]:
+    if len(probabilities) != 3:
+        raise ValueError(
+            f"{name} needs 3 probabilities (global view 0, global view 1, locals), got {probabilities}."
+        )
+    first, second, local = (_check_probability(name, probability) for probability in probabilities)
+    return first, second, local
+
+
+def _view_probability(probabilities: tuple[float, float, float], view: int) -> float:
+    """Probability for view `view`: views 0 and 1 are the global crops, the rest are local crops."""
+    return probabilities[min(view, 2)]
+
+
+def _blur_kernel_size(size: int) -> int:
+    """Odd kernel of about 10% of the crop size (23 at 224 px, 9 at 96 px), at least 3."""
+    return max(3, int(0.1 * size) // 2 * 2 + 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-image transform (torchvision v2)
+# --------------------------------------------------------------------------------------------
+
+
+class MultiCropTransform:
+    """Turn one image into TWIST's views [global0, global1, *locals] (spec section 5).
+
+    Each view: random-resized crop (bicubic), flip, colour jitter (0.4, 0.4, 0.2, 0.1) with p=0.8,
+    grayscale p=0.2, Gaussian blur sigma in [0.1, 2] (p 1.0 / 0.1 / 0.5 for global0 / global1 /
+    locals), solarization (p 0 / 0.2 / 0), float conversion and normalisation. num_local_crops=0 gives
+    the two-view transform. Works on uint8 tensors; PIL images and numpy arrays are converted first.
+    """
+
+    def __init__(
+        self,
+        global_size: int = 224,
+        local_size: int = 96,
+        num_local_crops: int = 0,
+        global_scale: Sequence[float] = PRETRAINING_GLOBAL_SCALE,
+        local_scale: Sequence[float] = PRETRAINING_LOCAL_SCALE,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        ratio: Sequence[float] = CROP_RATIO,
+        flip_probability: float = 0.5,
+        jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
+        jitter_probability: float = 0.8,
+        grayscale_probability: float = 0.2,
+        blur_probabilities: Sequence[float] = BLUR_PROBABILITIES,
+        blur_sigma: Sequence[float] = (0.1, 2.0),
+        solarize_probabilities: Sequence[float] = SOLARIZE_PROBABILITIES,
+    ) -> None:
+        if num_local_crops < 0:
+            raise ValueError(f"num_local_crops must be >= 0, got {num_local_crops}.")
+        self.num_local_crops = num_local_crops
+        blur = _check_view_probabilities("blur_probabilities", blur_probabilities)
+        solarize = _check_view_probabilities("solarize_probabilities", solarize_probabilities)
+        scales = {
+            "global": _check_scale("global_scale", global_scale),
+            "local": _check_scale("local_scale", local_scale),
+        }
+        sizes = {"global": global_size, "local": local_size}
+        self.view_transforms = []
+        for view in range(2 + num_local_crops):
+            kind = "global" if view < 2 else "local"
+            settings = {
+                "ratio": (float(ratio[0]), float(ratio[1])),
+                "flip_probability": _check_probability("flip_probability", flip_probability),
+                "jitter": jitter,
+                "jitter_probability": _check_probability("jitter_probability", jitter_probability),
+                "grayscale_probability": _check_probability("grayscale_probability", grayscale_probability),
+                "blur_probability": _view_probability(blur, view),
+                "blur_sigma": blur_sigma,
+                "solarize_probability": _view_probability(solarize, view),
+            }
+            self.view_transforms.append(_view_pipeline(sizes[kind], scales[kind], mean, std, **settings))
+
+    def __call__(self, image: PILImage.Image | torch.Tensor | Any) -> list[torch.Tensor]:
+        """Return the 2 + num_local_crops float views (3, size, size) of `image` (PIL, array or uint8 CHW)."""
+        image = _to_uint8_rgb(image)
+        return [view_transform(image) for view_transform in self.view_transforms]
+
+
+def _view_pipeline(
+    size: int,
+    scale: tuple[float, float],
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    ratio: tuple[float, float],
+    flip_probability: float,
+    jitter: Sequence[float],
+    jitter_probability: float,
+    grayscale_probability: float,
+    blur_probability: float,
+    blur_sigma: Sequence[float],
+    solarize_probability: float,
+) -> v2.Compose:
+    """One view's augmentation chain on a uint8 RGB tensor, ending in a normalised float tensor."""
+    brightness, contrast, saturation, hue = jitter
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=scale, ratio=ratio, interpolation=InterpolationMode.BICUBIC),
+            v2.RandomHorizontalFlip(p=flip_probability),
+            v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=jitter_probability),
+            v2.RandomGrayscale(p=grayscale_probability),
+            v2.RandomApply(
+                [v2.GaussianBlur(_blur_kernel_size(size), sigma=tuple(blur_sigma))], p=blur_probability
+            ),
+            v2.RandomSolarize(threshold=128, p=solarize_probability),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(mean), std=list(std)),
+        ]
+    )
+
+
+def _to_uint8_rgb(image: PILImage.Image | torch.Tensor | Any) -> torch.Tensor:
+    """Convert a PIL image, HWC numpy array or (C)HW tensor to a uint8 RGB tensor (3, H, W)."""
+    if isinstance(image, PILImage.Image) and image.mode != "RGB":
+        image = image.convert("RGB")
+    tensor = v2.functional.to_image(image)
+    if tensor.dtype != torch.uint8:
+        raise ValueError(
+            f"Expected a uint8 image, got {tensor.dtype}; convert with (x * 255).round().to(torch.uint8)."
+        )
+    if tensor.shape[0] not in (1, 3):
+        raise ValueError(
+            f"Expected 1 or 3 channels, got {tensor.shape[0]} (shape {tuple(tensor.shape)}); drop alpha."
+        )
+    return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
+
+
+def eval_transform(
+    size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    crop_fraction: float = 0.875,
+) -> v2.Compose:
+    """Feature-extraction transform: bicubic resize to size / crop_fraction, centre crop, normalise.
+
+    Use crop_fraction=1.0 for small images such as Fashion-MNIST, whose objects fill the frame."""
+    if not 0 < crop_fraction <= 1:
+        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}.")
+    return v2.Compose(
+        [
+            v2.Lambda(_to_uint8_rgb),
+            v2.Resize(round(size / crop_fraction), interpolation=InterpolationMode.BICUBIC),
+            v2.CenterCrop(size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(mean), std=list(std)),
+        ]
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Batched transform for small in-memory images
+# --------------------------------------------------------------------------------------------
+
+
+def _uint8_batch_to_float(images: torch.Tensor) -> torch.Tensor:
+    """Check a uint8 batch (B, H, W) or (B, C, H, W) with C in {1, 3} and scale it to float (B, C, H, W)."""
+    if images.dtype != torch.uint8 or images.ndim not in (3, 4):
+        raise ValueError(
+            f"Expected uint8 images (B, H, W) or (B, C, H, W), got {images.dtype} {tuple(images.shape)}."
+        )
+    if images.ndim == 3:
+        images = images.unsqueeze(1)
+    if images.shape[1] not in (1, 3):
+        raise ValueError(f"Expected 1 or 3 channels, got {images.shape[1]} (shape {tuple(images.shape)}).")
+    return images.float().div_(255.0)
+
+
+def _normalised_three_channels(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Normalise and return (B, 3, S, S); grayscale stays one channel in memory (`expand`) when it can."""
+    if pixels.shape[1] == 1 and mean.numel() == 1 and std.numel() == 1:
+        return ((pixels - mean) / std).expand(-1, 3, -1, -1)
+    pixels = pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
+    return (pixels - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def batched_eval_transform(
+    images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """Fast eval path for in-memory uint8 images: resize (bilinear, antialiased) to size, normalise, 3 channels."""
+    pixels = _uint8_batch_to_float(images)
+    if pixels.shape[-2:] != (size, size):
+        pixels = F.interpolate(
+            pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+    mean_tensor = torch.tensor(mean, dtype=pixels.dtype, device=pixels.device)
+    std_tensor = torch.tensor(std, dtype=pixels.dtype, device=pixels.device)
+    return _normalised_three_channels(pixels, mean_tensor, std_tensor)
+
+
+def sample_crop_boxes(
+    batch_size: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Draw one RandomResizedCrop box (top, left, height, width) per sample, as float (B, 4) on the CPU.
+
+    Same law as torchvision: area fraction uniform in `scale`, log aspect ratio uniform in `ratio`, up to
+    10 tries per sample, then a centre crop with the aspect ratio clamped into `ratio`.
+    """
+    shape = (batch_size, _RANDOM_RESIZED_CROP_ATTEMPTS)
+    area = height * width
+    target_area = area * torch.empty(shape).uniform_(scale[0], scale[1], generator=generator)
+    log_ratio = torch.empty(shape).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = torch.exp(log_ratio)
+    crop_w = torch.round(torch.sqrt(target_area * aspect))
+    crop_h = torch.round(torch.sqrt(target_area / aspect))
+    valid = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
+    first_valid = valid.int().argmax(dim=1, keepdim=True)
+    crop_w = crop_w.gather(1, first_valid).squeeze(1)
+    crop_h = crop_h.gather(1, first_valid).squeeze(1)
+    found = valid.any(dim=1)
+    top = torch.floor(torch.rand(batch_size, generator=generator) * (height - crop_h + 1))
+    left = torch.floor(torch.rand(batch_size, generator=generator) * (width - crop_w + 1))
+    centre_top, centre_left, centre_h, centre_w = _centre_crop_box(height, width, ratio)
+    return torch.stack(
+        [
+            torch.where(found, top, torch.tensor(centre_top, dtype=top.dtype)),
+            torch.where(found, left, torch.tensor(centre_left, dtype=top.dtype)),
+            torch.where(found, crop_h, torch.tensor(centre_h, dtype=top.dtype)),
+            torch.where(found, crop_w, torch.tensor(centre_w, dtype=top.dtype)),
+        ],
+        dim=1,
+    )
+
+
+def _centre_crop_box(
+    height: int, width: int, ratio: tuple[float, float]
+) -> tuple[float, float, float, float]:
+    """RandomResizedCrop's fallback: the largest centred box whose aspect ratio lies within `ratio`."""
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        crop_w, crop_h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        crop_h, crop_w = height, round(height * ratio[1])
+    else:
+        crop_w, crop_h = width, height
+    return float((height - crop_h) // 2), float((width - crop_w) // 2), float(crop_h), float(crop_w)
+
+
+def crop_flip_resize(
+    pixels: torch.Tensor,
+    boxes: torch.Tensor,
+    flips: torch.Tensor,
+    size: int,
+    mode: Literal["bilinear", "bicubic"] = "bilinear",
+) -> torch.Tensor:
+    """Crop each sample's box, flip it horizontally where `flips`, and resize to size x size, in one
+    grid_sample. Output pixel centres map onto the box like a half-pixel resize (align_corners=False)."""
+    height, width = pixels.shape[-2:]
+    top, left, crop_h, crop_w = boxes.to(pixels.device, pixels.dtype).unbind(dim=1)
+    sign = 1.0 - 2.0 * flips.to(pixels.device, pixels.dtype)
+    theta = torch.zeros(pixels.shape[0], 2, 3, dtype=pixels.dtype, device=pixels.device)
+    theta[:, 0, 0] = sign * crop_w / width
+    theta[:, 0, 2] = (2 * left + crop_w) / width - 1
+    theta[:, 1, 1] = crop_h / height
+    theta[:, 1, 2] = (2 * top + crop_h) / height - 1
+    grid = F.affine_grid(theta, [pixels.shape[0], pixels.shape[1], size, size], align_corners=False)
+    return F.grid_sample(pixels, grid, mode=mode, padding_mode="border", align_corners=False)
+
+
+def _grayscale(pixels: torch.Tensor) -> torch.Tensor:
+    """Luma (B, 1, H, W) of RGB or grayscale pixels, with torchvision's weights."""
+    if pixels.shape[1] == 1:
+        return pixels
+    weights = torch.tensor(_GRAYSCALE_WEIGHTS, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels * weights).sum(dim=1, keepdim=True)
+
+
+def _blend(pixels: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """factor * pixels + (1 - factor) * other, clamped to [0, 1], with a per-sample factor (B,)."""
+    factor = factor.view(-1, 1, 1, 1)
+    return (factor * pixels + (1 - factor) * other).clamp_(0.0, 1.0)
+
+
+def gaussian_blur_per_sample(pixels: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per sample (reflect padding), as two grouped convolutions."""
+    batch, channels, height, width = pixels.shape
+    offsets = torch.arange(kernel_size, dtype=pixels.dtype, device=pixels.device) - kernel_size // 2
+    kernels = torch.exp(-(offsets**2) / (2 * sigma.to(pixels).view(-1, 1) ** 2))
+    kernels = (kernels / kernels.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)
+    flat = pixels.reshape(1, batch * channels, height, width)
+    pad = kernel_size // 2
+    flat = F.conv2d(
+        F.pad(flat, (0, 0, pad, pad), mode="reflect"),
+        kernels.view(-1, 1, kernel_size, 1),
+        groups=flat.shape[1],
+    )
+    flat = F.conv2d(
+        F.pad(flat, (pad, pad, 0, 0), mode="reflect"),
+        kernels.view(-1, 1, 1, kernel_size),
+        groups=flat.shape[1],
+    )
+    return flat.view(batch, channels, height, width)
+
+
+class BatchedMultiCrop:
+    """All TWIST views of a whole uint8 batch at once, for small in-memory images (Fashion-MNIST, CIFAR).
+
+    Per sample and view, with parameters from a seeded torch.Generator: RandomResizedCrop-law crop box,
+    horizontal flip and resize in one grid_sample; with probability `jitter_probability` brightness,
+    contrast and (RGB only) saturation jitter; grayscale (RGB only); optional Gaussian blur and
+    solarization with per-view probabilities (global0, global1, locals); normalisation. Hue jitter is
+    left out. Blur is off by default: it wipes out 28-32 px images (small-image SSL recipes drop it).
+    Returns [global0, global1, *locals], each float (B, 3, S, S), on the input's device.
+    """
+
+    def __init__(
+        self,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        global_size: int,
+        local_size: int | None = None,
+        num_local_crops: int = 0,
+        global_scale: Sequence[float] = PRETRAINING_GLOBAL_SCALE,
+        local_scale: Sequence[float] = PRETRAINING_LOCAL_SCALE,
+        ratio: Sequence[float] = CROP_RATIO,
+        flip_probability: float = 0.5,
+        jitter_strength: Sequence[float] = (0.4, 0.4, 0.2),
+        jitter_probability: float = 0.8,
+        grayscale_probability: float = 0.2,
+        blur_probabilities: Sequence[float] = (0.0, 0.0, 0.0),
+        blur_sigma: Sequence[float] = (0.1, 2.0),
+        solarize_probabilities: Sequence[float] = SOLARIZE_PROBABILITIES,
+        interpolation: Literal["bilinear", "bicubic"] = "bilinear",
+        seed: int = 0,
+    ) -> None:
+        if num_local_crops < 0 or (num_local_crops > 0 and local_size is None):
+            raise ValueError(
+                f"num_local_crops={num_local_crops} needs to be >= 0, and local_size set when > 0."
+            )
+        if len(mean) != len(std) or len(mean) not in (1, 3) or min(std) <= 0:
+            raise ValueError(f"mean and std need 1 or 3 values each and std > 0, got mean={mean}, std={std}.")
+        if len(jitter_strength) != 3 or min(jitter_strength) < 0:
+            raise ValueError(
+                f"jitter_strength is (brightness, contrast, saturation) >= 0, got {jitter_strength}."
+            )
+        if interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"interpolation must be 'bilinear' or 'bicubic', got {interpolation!r}.")
+        self.mean = torch.tensor(mean, dtype=torch.float32)
+        self.std = torch.tensor(std, dtype=torch.float32)
+        self.sizes = [global_size, global_size] + [local_size] * num_local_crops
+        self.scales = [_check_scale("global_scale", global_scale)] * 2 + [
+            _check_scale("local_scale", local_scale)
+        ] * num_local_crops
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.flip_probability = _check_probability("flip_probability", flip_probability)
+        self.jitter_strength = tuple(float(strength) for strength in jitter_strength)
+        self.jitter_probability = _check_probability("jitter_probability", jitter_probability)
+        self.grayscale_probability = _check_probability("grayscale_probability", grayscale_probability)
+        self.blur_probabilities = _check_view_probabilities("blur_probabilities", blur_probabilities)
+        self.blur_sigma = _check_scale_range("blur_sigma", blur_sigma)
+        self.solarize_probabilities = _check_view_probabilities(
+            "solarize_probabilities", solarize_probabilities
+        )
+        self.interpolation = interpolation
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def num_views(self) -> int:
+        return len(self.sizes)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """Return the views of a uint8 batch (B, H, W) or (B, C, H, W); `generator` overrides the own one."""
+        generator = generator if generator is not None else self.generator
+        pixels = _uint8_batch_to_float(images)
+        return [self._view(pixels, view, generator) for view in range(self.num_views)]
+
+    def _view(self, pixels: torch.Tensor, view: int, generator: torch.Generator) -> torch.Tensor:
+        batch, _, height, width = pixels.shape
+        boxes = sample_crop_boxes(batch, height, width, self.scales[view], self.ratio, generator)
+        flips = _bernoulli(batch, self.flip_probability, generator)
+        crops = crop_flip_resize(pixels, boxes, flips, self.sizes[view], self.interpolation)
+        if self.interpolation == "bicubic":
+            crops = crops.clamp_(0.0, 1.0)
+        crops = self._colour_jitter(crops, generator)
+        crops = self._random_grayscale(crops, generator)
+        crops = self._random_blur(crops, _view_probability(self.blur_probabilities, view), generator)
+        crops = _random_solarize(crops, _view_probability(self.solarize_probabilities, view), generator)
+        return _normalised_three_channels(crops, self.mean.to(crops.device), self.std.to(crops.device))
+
+    def _colour_jitter(self, crops: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Brightness, contrast, then (RGB) saturation, each factor uniform in [1 - s, 1 + s], on chosen samples."""
+        batch = crops.shape[0]
+        chosen = _bernoulli(batch, self.jitter_probability, generator)
+        if not chosen.any():
+            return crops
+        brightness, contrast, saturation = (
+            torch.where(chosen, _uniform_factor(batch, strength, generator), 1.0).to(crops.device)
+            for strength in self.jitter_strength
+        )
+        crops = (crops * brightness.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+        crops = _blend(crops, _grayscale(crops).mean(dim=(1, 2, 3), keepdim=True), contrast)
+        if crops.shape[1] == 3:
+            crops = _blend(crops, _grayscale(crops), saturation)
+        return crops
+
+    def _random_grayscale(self, crops: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        chosen = _bernoulli(crops.shape[0], self.grayscale_probability, generator)
+        if crops.shape[1] == 1 or not chosen.any():
+            return crops
+        chosen = chosen.to(crops.device).view(-1, 1, 1, 1)
+        return torch.where(chosen, _grayscale(crops).expand_as(crops), crops)
+
+    def _random_blur(
+        self, crops: torch.Tensor, probability: float, generator: torch.Generator
+    ) -> torch.Tensor:
+        chosen = _bernoulli(crops.shape[0], probability, generator)
+        sigma = torch.empty(crops.shape[0]).uniform_(*self.blur_sigma, generator=generator)
+        if not chosen.any():
+            return crops
+        kernel_size = min(2 * math.ceil(3 * self.blur_sigma[1]) + 1, (crops.shape[-1] - 1) // 2 * 2 + 1)
+        index = chosen.nonzero().squeeze(1).to(crops.device)
+        crops = crops.clone()
+        crops[index] = gaussian_blur_per_sample(crops[index], sigma[chosen], kernel_size)
+        return crops
+
+
+def _check_scale_range(name: str, value_range: Sequence[float]) -> tuple[float, float]:
+    if len(value_range) != 2 or not 0 < value_range[0] <= value_range[1]:
+        raise ValueError(f"{name} must be (min, max) with 0 < min <= max, got {value_range}.")
+    return float(value_range[0]), float(value_range[1])
+
+
+def _bernoulli(batch: int, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Boolean (B,) on the CPU, True with `probability`."""
+    return torch.rand(batch, generator=generator) < probability
+
+
+def _uniform_factor(batch: int, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Jitter factors uniform in [max(0, 1 - strength), 1 + strength], like torchvision's ColorJitter."""
+    return torch.empty(batch).uniform_(max(0.0, 1.0 - strength), 1.0 + strength, generator=generator)
+
+
+def _random_solarize(crops: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Invert pixels of uint8 value >= 128 (torchvision's threshold) on samples chosen with `probability`;
+    the float threshold sits halfway to 127 so interpolation round-off cannot flip a pixel's side."""
+    chosen = _bernoulli(crops.shape[0], probability, generator)
+    if not chosen.any():
+        return crops
+    solarized = torch.where(crops >= 127.5 / 255, 1.0 - crops, crops)
+    return torch.where(chosen.to(crops.device).view(-1, 1, 1, 1), solarized, crops)
