@@ -1,0 +1,328 @@
+"""Tests for twist_hf.transforms: the per-image multi-crop transform, the batched grid_sample multi-crop
+(checked against hand-computed crops, resizes and flips), and the evaluation transforms."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import v2
+
+from twist_hf.transforms import (
+    CROP_RATIO,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BatchedMultiCrop,
+    MultiCropTransform,
+    batched_eval_transform,
+    crop_flip_resize,
+    eval_transform,
+    gaussian_blur_per_sample,
+    sample_crop_boxes,
+    self_labeling_crop_scales,
+)
+
+NO_PHOTOMETRIC = {
+    "jitter_probability": 0.0,
+    "grayscale_probability": 0.0,
+    "solarize_probabilities": (0.0, 0.0, 0.0),
+    "blur_probabilities": (0.0, 0.0, 0.0),
+}
+
+
+def random_uint8(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def normalised_range(mean, std) -> tuple[float, float]:
+    return min((0 - m) / s for m, s in zip(mean, std)), max((1 - m) / s for m, s in zip(mean, std))
+
+
+# ---------------------------------------------------------------- MultiCropTransform
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.fromarray(random_uint8(40, 50, 3).numpy()),
+        Image.fromarray(random_uint8(40, 50).numpy()),
+        random_uint8(3, 40, 50),
+        random_uint8(40, 50),
+    ],
+    ids=["pil-rgb", "pil-gray", "tensor-chw", "tensor-hw"],
+)
+def test_multi_crop_gives_globals_then_locals_normalised(image):
+    transform = MultiCropTransform(global_size=32, local_size=16, num_local_crops=3)
+    views = transform(image)
+    assert [tuple(view.shape) for view in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
+    low, high = normalised_range(IMAGENET_MEAN, IMAGENET_STD)
+    for view in views:
+        assert view.dtype == torch.float32
+        assert low - 1e-5 <= view.min() and view.max() <= high + 1e-5
+
+
+def test_two_view_transform_and_per_view_blur_and_solarize_probabilities():
+    assert len(MultiCropTransform(global_size=16, num_local_crops=0)(random_uint8(3, 20, 20))) == 2
+    transform = MultiCropTransform(global_size=16, local_size=8, num_local_crops=2)
+
+    def probabilities(view_transform, kind):
+        return [
+            step.p
+            for step in view_transform.transforms
+            if isinstance(step, kind)
+            or (isinstance(step, v2.RandomApply) and isinstance(step.transforms[0], kind))
+        ]
+
+    assert [probabilities(view, v2.GaussianBlur) for view in transform.view_transforms] == [
+        [1.0],
+        [0.1],
+        [0.5],
+        [0.5],
+    ]
+    assert [probabilities(view, v2.RandomSolarize) for view in transform.view_transforms] == [
+        [0.0],
+        [0.2],
+        [0.0],
+        [0.0],
+    ]
+    assert [probabilities(view, v2.ColorJitter) for view in transform.view_transforms] == [[0.8]] * 4
+
+
+def test_multi_crop_with_everything_off_is_a_resize():
+    transform = MultiCropTransform(
+        global_size=20,
+        global_scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+        flip_probability=0.0,
+        mean=(0.0,),
+        std=(1.0,),
+        **NO_PHOTOMETRIC,
+    )
+    image = random_uint8(3, 20, 20)
+    for view in transform(image):
+        torch.testing.assert_close(view, image.float() / 255)
+
+
+def test_self_labeling_scales_follow_the_spec_and_plug_into_both_transforms():
+    scales = self_labeling_crop_scales()
+    assert scales == {"global_scale": (0.14, 1.0), "local_scale": (0.05, 0.14)}
+    multi_crop = MultiCropTransform(global_size=16, local_size=8, num_local_crops=1, **scales)
+    assert multi_crop.view_transforms[2].transforms[0].scale == (0.05, 0.14)
+    batched = BatchedMultiCrop(
+        mean=(0.5,), std=(0.5,), global_size=16, local_size=8, num_local_crops=1, **scales
+    )
+    assert batched.scales == [(0.14, 1.0), (0.14, 1.0), (0.05, 0.14)]
+
+
+def test_multi_crop_rejects_bad_input():
+    transform = MultiCropTransform(global_size=8)
+    with pytest.raises(ValueError, match="uint8"):
+        transform(torch.rand(3, 10, 10))
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        transform(random_uint8(4, 10, 10))
+    with pytest.raises(ValueError, match="global_scale"):
+        MultiCropTransform(global_scale=(0.5, 0.2))
+    with pytest.raises(ValueError, match="blur_probabilities needs 3"):
+        MultiCropTransform(blur_probabilities=(1.0, 0.1))
+
+
+# ---------------------------------------------------------------- eval transforms
+
+
+def test_eval_transform_resizes_centre_crops_and_normalises():
+    image = Image.new("RGB", (40, 60), (255, 0, 51))
+    output = eval_transform(32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))(image)
+    assert output.shape == (3, 32, 32)
+    torch.testing.assert_close(output[:, 5, 7], torch.tensor([2.0, -1.0, -0.3]))
+    gradient = np.tile(np.arange(28, dtype=np.uint8), (28, 1))
+    same_size = eval_transform(28, mean=(0.0,), std=(1.0,), crop_fraction=1.0)(Image.fromarray(gradient))
+    torch.testing.assert_close(same_size[1], torch.from_numpy(gradient).float() / 255)
+
+
+def test_batched_eval_transform_matches_hand_normalisation():
+    images = random_uint8(4, 28, 28)
+    output = batched_eval_transform(images, 28, mean=(0.25,), std=(0.5,))
+    assert output.shape == (4, 3, 28, 28)
+    torch.testing.assert_close(output[:, 2], (images.float() / 255 - 0.25) / 0.5)
+    assert batched_eval_transform(images, 14, mean=(0.25,), std=(0.5,)).shape == (4, 3, 14, 14)
+
+
+# ---------------------------------------------------------------- BatchedMultiCrop: geometry
+
+
+def test_crop_flip_resize_reproduces_a_hand_cut_box():
+    pixels = random_uint8(2, 1, 20, 24).float()
+    boxes = torch.tensor([[4.0, 8.0, 10.0, 10.0], [0.0, 14.0, 10.0, 10.0]])  # top, left, height, width
+    crops = crop_flip_resize(pixels, boxes, torch.tensor([False, True]), size=10)
+    torch.testing.assert_close(crops[0], pixels[0, :, 4:14, 8:18], atol=1e-3, rtol=0)
+    torch.testing.assert_close(crops[1], pixels[1, :, 0:10, 14:24].flip(-1), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(6, 28, 28), (6, 1, 28, 28), (6, 3, 28, 28)])
+def test_full_scale_crops_without_flip_or_jitter_reproduce_the_input_resized(shape):
+    images = random_uint8(*shape)
+    pixels = images.float().div(255).reshape(6, -1, 28, 28)
+    for size in (28, 14):
+        transform = BatchedMultiCrop(
+            mean=(0.0,),
+            std=(1.0,),
+            global_size=size,
+            global_scale=(1, 1),
+            flip_probability=0.0,
+            **NO_PHOTOMETRIC,
+        )
+        views = transform(images)
+        expected = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
+        expected = expected.expand(-1, 3, -1, -1)
+        for view in views:
+            torch.testing.assert_close(view, expected, atol=1e-5, rtol=0)
+
+
+def test_flip_probability_one_flips_every_view():
+    images = random_uint8(6, 28, 28)
+    transform = BatchedMultiCrop(
+        mean=(0.0,), std=(1.0,), global_size=28, global_scale=(1, 1), flip_probability=1.0, **NO_PHOTOMETRIC
+    )
+    torch.testing.assert_close(
+        transform(images)[1][:, 0], images.float().div(255).flip(-1), atol=1e-5, rtol=0
+    )
+
+
+def test_crop_boxes_follow_the_random_resized_crop_law():
+    generator = torch.Generator().manual_seed(0)
+    boxes = sample_crop_boxes(20000, 100, 100, (0.2, 0.6), CROP_RATIO, generator)
+    top, left, height, width = boxes.unbind(dim=1)
+    area = height * width / 100**2
+    aspect = width / height
+    assert ((top >= 0) & (left >= 0) & (top + height <= 100) & (left + width <= 100)).all()
+    assert area.min() >= 0.2 - 0.02 and area.max() <= 0.6 + 0.02  # rounding of w and h to pixels
+    assert area.mean().item() == pytest.approx(0.4, abs=0.005)  # uniform area fraction
+    assert aspect.min() >= 3 / 4 - 0.03 and aspect.max() <= 4 / 3 + 0.03
+    assert torch.log(aspect).mean().item() == pytest.approx(0.0, abs=0.01)  # log-uniform, symmetric
+    assert (top.mean() + height.mean() / 2).item() == pytest.approx(50, abs=0.5)  # centred on average
+
+
+def test_impossible_crops_fall_back_to_the_clamped_centre_crop():
+    boxes = sample_crop_boxes(3, 100, 100, (1.0, 1.0), (2.0, 3.0), torch.Generator().manual_seed(0))
+    # Square input, ratio >= 2 wanted: the fallback keeps the full width and height = round(100 / 2).
+    assert boxes.tolist() == [[25.0, 0.0, 50.0, 100.0]] * 3
+
+
+def test_local_crop_area_statistics_and_sizes():
+    transform = BatchedMultiCrop(
+        mean=(0.5,), std=(0.5,), global_size=28, local_size=12, num_local_crops=4, local_scale=(0.05, 0.4)
+    )
+    views = transform(random_uint8(64, 28, 28))
+    assert [tuple(view.shape) for view in views] == [(64, 3, 28, 28)] * 2 + [(64, 3, 12, 12)] * 4
+    boxes = sample_crop_boxes(20000, 28, 28, (0.05, 0.4), CROP_RATIO, torch.Generator().manual_seed(1))
+    area = boxes[:, 2] * boxes[:, 3] / 28**2
+    assert area.mean().item() == pytest.approx(0.225, abs=0.01)
+
+
+# ---------------------------------------------------------------- BatchedMultiCrop: randomness
+
+
+def make_default_crop(seed: int) -> BatchedMultiCrop:
+    return BatchedMultiCrop(
+        mean=(0.3,), std=(0.35,), global_size=28, local_size=12, num_local_crops=2, seed=seed
+    )
+
+
+def test_same_seed_gives_same_views_and_different_seeds_differ():
+    images = random_uint8(16, 28, 28)
+    first, again, other = (make_default_crop(seed)(images) for seed in (0, 0, 1))
+    for view, same in zip(first, again):
+        assert torch.equal(view, same)
+    assert not torch.equal(first[0], other[0])
+    transform = make_default_crop(0)
+    assert not torch.equal(transform(images)[0], transform(images)[0])  # the generator advances
+    assert not torch.equal(first[0], first[1])  # the two global views are different draws
+
+
+def test_grayscale_input_gives_three_equal_channels_in_range():
+    views = make_default_crop(0)(random_uint8(16, 28, 28))
+    low, high = normalised_range((0.3,), (0.35,))
+    for view in views:
+        assert view.dtype == torch.float32
+        assert torch.equal(view[:, 0], view[:, 2])
+        assert low - 1e-5 <= view.min() and view.max() <= high + 1e-5
+
+
+def test_rgb_grayscale_probability_one_makes_channels_equal():
+    transform = BatchedMultiCrop(
+        mean=(0.0,), std=(1.0,), global_size=16, **{**NO_PHOTOMETRIC, "grayscale_probability": 1}
+    )
+    view = transform(random_uint8(4, 3, 16, 16))[0]
+    torch.testing.assert_close(view[:, 0], view[:, 1])
+
+
+# ---------------------------------------------------------------- BatchedMultiCrop: photometric
+
+
+def identity_geometry(**photometric) -> BatchedMultiCrop:
+    settings = {**NO_PHOTOMETRIC, **photometric}
+    return BatchedMultiCrop(
+        mean=(0.0,), std=(1.0,), global_size=16, global_scale=(1, 1), flip_probability=0.0, **settings
+    )
+
+
+def test_brightness_jitter_scales_each_image_by_one_factor_in_range():
+    images = torch.randint(50, 150, (32, 16, 16), dtype=torch.uint8)
+    view = identity_geometry(jitter_probability=1.0, jitter_strength=(0.4, 0.0, 0.0))(images)[0][:, 0]
+    ratio = view / (images.float() / 255)
+    per_image = ratio.flatten(1)
+    torch.testing.assert_close(per_image.min(dim=1).values, per_image.max(dim=1).values, atol=1e-4, rtol=0)
+    assert per_image.min() >= 0.6 - 1e-4 and per_image.max() <= 1.4 + 1e-4
+    assert per_image[:, 0].std() > 0.05  # one factor per image, different across images
+
+
+def test_contrast_jitter_scales_deviations_from_the_image_mean():
+    images = torch.randint(90, 160, (8, 16, 16), dtype=torch.uint8)
+    view = identity_geometry(jitter_probability=1.0, jitter_strength=(0.0, 0.5, 0.0))(images)[0][:, 0]
+    pixels = images.float() / 255
+    mean = pixels.mean(dim=(1, 2), keepdim=True)
+    factor = ((view - mean) / (pixels - mean)).flatten(1).median(dim=1).values.view(-1, 1, 1)
+    torch.testing.assert_close(view, (pixels - mean) * factor + mean, atol=1e-5, rtol=0)
+    assert factor.min() >= 0.5 - 1e-4 and factor.max() <= 1.5 + 1e-4
+
+
+def test_solarize_inverts_bright_pixels():
+    images = random_uint8(4, 16, 16)
+    view = identity_geometry(solarize_probabilities=(1.0, 1.0, 1.0))(images)[0][:, 0]
+    pixels = images.float() / 255
+    torch.testing.assert_close(view, torch.where(images >= 128, 1 - pixels, pixels), atol=1e-5, rtol=0)
+
+
+def test_per_sample_gaussian_blur_matches_the_hand_kernel():
+    delta = torch.zeros(2, 1, 9, 9)
+    delta[:, :, 4, 4] = 1.0
+    blurred = gaussian_blur_per_sample(delta, torch.tensor([1.0, 0.5]), kernel_size=5)
+    for sample, sigma in enumerate((1.0, 0.5)):
+        weights = torch.tensor([math.exp(-(x**2) / (2 * sigma**2)) for x in range(-2, 3)])
+        weights = weights / weights.sum()
+        torch.testing.assert_close(blurred[sample, 0, 2:7, 2:7], torch.outer(weights, weights))
+    constant = torch.full((3, 3, 12, 12), 0.7)
+    torch.testing.assert_close(gaussian_blur_per_sample(constant, torch.tensor([0.3, 1.0, 2.0]), 7), constant)
+
+
+def test_blur_probability_one_blurs_every_global_view_zero_leaves_it_sharp():
+    images = random_uint8(8, 28, 28)
+    blurred = identity_geometry(blur_probabilities=(1.0, 0.0, 0.0))
+    sharp_view = identity_geometry()(images)[0]
+    first, second = blurred(images)
+    assert (first[:, 0] - sharp_view[:, 0]).abs().flatten(1).max(dim=1).values.min() > 0.01
+    torch.testing.assert_close(second, sharp_view, atol=1e-5, rtol=0)
+
+
+def test_batched_multi_crop_rejects_bad_input_and_settings():
+    transform = make_default_crop(0)
+    with pytest.raises(ValueError, match="uint8"):
+        transform(torch.rand(2, 28, 28))
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        transform(random_uint8(2, 4, 28, 28))
+    with pytest.raises(ValueError, match="local_size"):
+        BatchedMultiCrop(mean=(0.5,), std=(0.5,), global_size=28, num_local_crops=2)
+    with pytest.raises(ValueError, match="std > 0"):
+        BatchedMultiCrop(mean=(0.5,), std=(0.0,), global_size=28)
