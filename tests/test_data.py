@@ -146,6 +146,14 @@ def test_load_image_dataset_from_an_image_folder(image_folder):
     assert dataset[0]["image"].size == (12, 10)
 
 
+def test_streaming_image_folder_decodes_through_the_iterable_wrapper(image_folder):
+    stream = load_image_dataset("imagefolder", data_dir=str(image_folder), streaming=True)
+    assert isinstance(stream, datasets.IterableDataset)
+    items = list(DecodedIterableImageDataset(stream, transform=pil_to_chw_tensor))
+    assert sorted(item["label"] for item in items) == [0, 0, 0, 1, 1]
+    assert all(item["pixel_values"].shape == (3, 10, 12) for item in items)
+
+
 def test_load_image_dataset_from_parquet_keeps_the_image_feature(tmp_path):
     features = datasets.Features({"img": datasets.Image(), "fine": datasets.ClassLabel(names=["a", "b"])})
     images = [png_bytes(Image.new("L", (5, 4), value)) for value in (0, 100, 200)]
@@ -179,6 +187,8 @@ def test_load_image_dataset_errors_name_what_was_tried(tmp_path, monkeypatch, im
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DatasetLoadError, match="someone/no-such-dataset.*Check the Hub id"):
         load_image_dataset("someone/no-such-dataset")
+    with pytest.raises(DatasetLoadError, match="data_dir='inside/the/repo'"):  # a repo path, not local
+        load_image_dataset("someone/no-such-dataset", data_dir="inside/the/repo")
 
 
 def test_find_columns_by_type_by_name_and_with_clear_errors():
