@@ -27,6 +27,7 @@ from twist_hf.data import (
     fashion_mnist_arrays,
     find_image_column,
     find_label_column,
+    in_memory_batches,
     load_fashion_mnist,
     load_image_dataset,
     rank_epoch_indices,
@@ -358,3 +359,19 @@ def test_rank_epoch_indices_give_equal_disjoint_reproducible_parts():
     assert not np.array_equal(parts[1], rank_epoch_indices(10, 1, 3, seed=0, epoch=6))
     with pytest.raises(ValueError, match="Cannot split 2 samples over 3 ranks"):
         rank_epoch_indices(2, 0, 3, seed=0, epoch=0)
+
+
+def test_in_memory_batches_cover_an_epoch_once_per_rank_in_full_batches():
+    images = np.arange(22 * 2 * 2, dtype=np.uint8).reshape(22, 2, 2)
+    labels = np.arange(22, dtype=np.int64)
+    seen = []
+    for rank in (0, 1):
+        batches = list(in_memory_batches(images, labels, 4, rank=rank, world_size=2, seed=3, epoch=1))
+        assert len(batches) == 2  # 11 samples per rank -> 2 full batches of 4
+        for batch_images, batch_labels in batches:
+            assert batch_images.dtype == torch.uint8 and batch_images.shape == (4, 2, 2)
+            assert torch.equal(batch_images[:, 0, 0], (batch_labels * 4).to(torch.uint8))
+            seen.extend(batch_labels.tolist())
+    assert len(set(seen)) == 16
+    with pytest.raises(ValueError, match="must match one to one"):
+        next(in_memory_batches(images, labels[:3], 4))

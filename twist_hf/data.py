@@ -594,3 +594,26 @@ def rank_epoch_indices(num_samples: int, rank: int, world_size: int, seed: int, 
     permutation = np.random.default_rng(epoch_seed(seed, epoch)).permutation(num_samples)
     per_rank = num_samples // world_size
     return permutation[rank * per_rank : (rank + 1) * per_rank]
+
+
+def in_memory_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    epoch: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield this rank's full (uint8 images, int64 labels) batches for one epoch of the in-memory fast path.
+
+    Every rank gets the same number of batches (the last partial batch is dropped), as DDP needs."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if len(images) != len(labels):
+        raise ValueError(f"Got {len(images)} images but {len(labels)} labels; they must match one to one.")
+    indices = rank_epoch_indices(len(images), rank, world_size, seed, epoch)
+    for start in range(0, len(indices) - batch_size + 1, batch_size):
+        batch = np.sort(indices[start : start + batch_size])
+        yield torch.from_numpy(images[batch]), torch.from_numpy(labels[batch])
