@@ -183,9 +183,6 @@ class HubPusher:
 
     def _submit(self, job: _PushJob) -> None:
         with self._condition:
-            if self._closed:
-                shutil.rmtree(job.staging, ignore_errors=True)
-                raise RuntimeError("This HubPusher has finished; create a new one to push again.")
             if self._pending is not None:
                 logger.info(
                     "Hub push of %s superseded by %s before it started", self._pending.label, job.label
@@ -196,6 +193,8 @@ class HubPusher:
 
     def _snapshot(self, model_dir: str | Path, checkpoint_dir: str | Path | None) -> Path:
         """Copy what will be pushed, so that later saves cannot change a push half-way."""
+        if self._closed:
+            raise RuntimeError("This HubPusher has finished; create a new one to push again.")
         staging = Path(tempfile.mkdtemp(dir=self._staging_root))
         try:
             _copy_tree(Path(model_dir), staging, self.ignore_patterns)
