@@ -1,0 +1,306 @@
+"""Typed pretraining options: YAML recipe + command-line overrides, parsed by `HfArgumentParser`.
+
+Options that Hugging Face's `TrainingArguments` also has keep its names and meaning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+from ..configuration_twist import TWIST_PRESETS, TwistConfig
+
+OPTIMIZERS = ("lars", "adamw", "sgd")
+AUGMENTATION_BACKENDS = ("batched", "per_image")
+HUB_STRATEGIES = ("end", "every_save", "checkpoint")
+SAVE_STRATEGIES = ("steps", "epoch", "no")
+EVAL_STRATEGIES = ("no", "epoch")
+LAUNCHERS = ("ray", "local")
+
+
+@dataclass
+class ModelArguments:
+    """Which TWIST network to train: a preset, optionally with overrides or starting weights."""
+
+    model_preset: str = field(default="fmnist-resnet", metadata={"help": f"One of {', '.join(TWIST_PRESETS)}."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Start from these TWIST weights (folder or Hub id) instead of a preset."}
+    )
+    num_classes: int | None = field(default=None, metadata={"help": "K; default: the preset's."})
+    head_hidden_size: int | None = field(default=None, metadata={"help": "H; default: the preset's."})
+    bunch_size: int | None = field(default=None, metadata={"help": "Samples per last-norm bunch."})
+    last_norm: str | None = field(default=None, metadata={"help": "'bunch', 'global' or 'none'."})
+    tau: float | None = field(default=None, metadata={"help": "Temperature of the entropy terms (> 0)."})
+    lam1: float | None = field(default=None, metadata={"help": "Sharpness weight is 1 + lam1."})
+    lam2: float | None = field(default=None, metadata={"help": "Diversity weight."})
+    head_dropout: float | None = field(default=None, metadata={"help": "Dropout in the projection head."})
+    sync_batch_norm: bool | None = field(default=None, metadata={"help": "Synchronise batch norms across ranks."})
+    backbone_overrides: dict | str | None = field(
+        default=None, metadata={"help": "JSON dict merged into the preset's backbone_config."}
+    )
+
+    def __post_init__(self):
+        if isinstance(self.backbone_overrides, str):
+            try:
+                self.backbone_overrides = json.loads(self.backbone_overrides)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"backbone_overrides must be a JSON object: {error}") from error
+        if self.model_name_or_path is None and self.model_preset not in TWIST_PRESETS:
+            raise ValueError(
+                f"Unknown model_preset {self.model_preset!r}. Available presets: {', '.join(TWIST_PRESETS)}."
+            )
+
+    def config_overrides(self) -> dict:
+        """The TwistConfig fields this run sets explicitly."""
+        names = ("num_classes", "head_hidden_size", "bunch_size", "last_norm", "tau", "lam1", "lam2",
+                 "head_dropout", "sync_batch_norm")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def build_config(self) -> TwistConfig:
+        """The model config: preset (or pretrained config) + overrides, validated."""
+        if self.model_name_or_path is not None:
+            return TwistConfig.from_pretrained(self.model_name_or_path, **self.config_overrides())
+        preset = TwistConfig.from_preset(self.model_preset)
+        backbone = {"model_type": preset.backbone_config.model_type,
+                    **TWIST_PRESETS[self.model_preset]["backbone_config"], **(self.backbone_overrides or {})}
+        return TwistConfig.from_preset(self.model_preset, backbone_config=backbone, **self.config_overrides())
+
+
+@dataclass
+class DataArguments:
+    """What to train on and how to augment it (spec section 5)."""
+
+    dataset_name: str = field(
+        default="fashion-mnist",
+        metadata={"help": "'fashion-mnist' (Debian package files), a Hub dataset id, 'imagefolder' or 'parquet'."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    data_dir: str | None = field(default=None, metadata={"help": "Folder for 'imagefolder'."})
+    data_files: str | None = field(default=None, metadata={"help": "File(s) or glob for 'parquet'."})
+    train_split: str = field(default="train", metadata={"help": "Split to pretrain on."})
+    eval_split: str | None = field(default="test", metadata={"help": "Labelled split for kNN (None: skip)."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column; found automatically."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column for kNN; found automatically."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the training split (per_image backend)."})
+    augmentation_backend: str = field(
+        default="batched",
+        metadata={"help": "'batched': decode the split once into memory and augment whole batches (small images); "
+                          "'per_image': torchvision v2 per image in DataLoader workers (any size, streaming)."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N kNN test images."})
+    global_crop_size: int | None = field(default=None, metadata={"help": "Default: the model's image_size."})
+    local_crop_size: int = field(default=96, metadata={"help": "Side of the local crops."})
+    num_local_crops: int = field(default=0, metadata={"help": "Local crops per image (0 = two-view)."})
+    global_crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per rank."})
+
+    def __post_init__(self):
+        if self.augmentation_backend not in AUGMENTATION_BACKENDS:
+            raise ValueError(f"augmentation_backend must be one of {AUGMENTATION_BACKENDS}, "
+                             f"got {self.augmentation_backend!r}.")
+        if self.streaming and self.augmentation_backend == "batched":
+            raise ValueError("streaming needs augmentation_backend='per_image' (the batched backend holds the "
+                             "whole split in memory).")
+        for name in ("global_crop_scale", "local_crop_scale"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high <= 1:
+                raise ValueError(f"{name} must be two numbers 0 < min <= max <= 1, got {getattr(self, name)}.")
+
+
+@dataclass
+class TwistTrainingArguments:
+    """Optimisation, schedules, checkpoints, logging and the Hub (names as in HF TrainingArguments)."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "Default: outputs/twist-<dataset>-<time>."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow a non-empty output_dir."})
+    num_train_epochs: float = field(default=8.0, metadata={"help": "Total epochs, self-labeling included."})
+    max_steps: int = field(default=-1, metadata={"help": "If > 0: total optimiser steps, overriding epochs."})
+    per_device_train_batch_size: int = field(default=256, metadata={"help": "Images per worker per step."})
+    learning_rate: float = field(default=0.5, metadata={"help": "Base lr for a global batch of 256 (scaled)."})
+    scale_lr_by_batch: bool = field(default=True, metadata={"help": "lr = learning_rate x global batch / 256."})
+    min_lr_ratio: float = field(default=0.001, metadata={"help": "Cosine decays to this fraction of the lr."})
+    weight_decay: float = field(default=1.5e-6, metadata={"help": "Weight decay at the start."})
+    weight_decay_end: float | None = field(default=None, metadata={"help": "Cosine target of weight decay."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps (overrides warmup_ratio)."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Warm-up as a fraction of the steps."})
+    warmup_epochs: float | None = field(
+        default=None, metadata={"help": "Warm-up in epochs; default per spec: 10 (3 if <= 20 epochs, 5 if <= 50)."})
+    optim: str = field(default="lars", metadata={"help": f"One of {', '.join(OPTIMIZERS)}."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD/LARS momentum."})
+    lars_eta: float = field(default=1e-3, metadata={"help": "LARS trust coefficient."})
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping norm (0 = off)."})
+    seed: int = 42
+    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision through Accelerate."})
+    fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision with loss scaling."})
+    channels_last: bool = field(default=False, metadata={"help": "channels_last memory format for CNNs."})
+    torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
+    momentum_teacher: bool = field(default=False, metadata={"help": "Momentum-encoder variant (ViT recipes)."})
+    teacher_momentum: float = field(default=0.996, metadata={"help": "EMA momentum at the start (cosine to 1)."})
+    self_label_epochs: float = field(default=0.0, metadata={"help": "Final epochs of the self-labeling phase."})
+    self_label_learning_rate: float = field(default=0.05, metadata={"help": "Base lr of the self-labeling phase."})
+    self_label_warmup_epochs: float = field(default=5.0, metadata={"help": "lr warm-up of the self-labeling phase."})
+    self_label_quantile: list[float] = field(default_factory=lambda: [0.5, 0.6])
+    logging_steps: int = field(default=50, metadata={"help": "Log (progress, trackers, log.jsonl) every N steps."})
+    save_strategy: str = field(default="epoch", metadata={"help": "'steps', 'epoch' or 'no'."})
+    save_steps: int = field(default=500, metadata={"help": "Checkpoint every N steps with save_strategy=steps."})
+    save_total_limit: int = field(default=2, metadata={"help": "Keep the last N checkpoints."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "Checkpoint folder, a Hub repo pushed with hub_strategy=checkpoint, "
+                                         "or 'latest' for the newest checkpoint in output_dir."})
+    eval_strategy: str = field(default="no", metadata={"help": "'epoch': kNN on the eval split every epoch."})
+    knn_k: int = field(default=20, metadata={"help": "Neighbours of the kNN monitor."})
+    knn_temperature: float = field(default=0.07, metadata={"help": "Temperature of the kNN vote weights."})
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"],
+                                 metadata={"help": "Accelerate trackers ('tensorboard', 'wandb', ...) or 'none'."})
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_strategy: str = field(default="every_save", metadata={"help": f"One of {', '.join(HUB_STRATEGIES)}."})
+    hub_token: str | None = field(default=None, metadata={"help": "Default: the environment/login token."})
+    hub_private_repo: bool = False
+    hub_revision: str | None = None
+
+    def __post_init__(self):
+        if self.output_dir is None:
+            self.output_dir = os.path.join("outputs", f"twist-{time.strftime('%Y%m%d-%H%M%S')}")
+        _check_in("optim", self.optim, OPTIMIZERS)
+        _check_in("save_strategy", self.save_strategy, SAVE_STRATEGIES)
+        _check_in("eval_strategy", self.eval_strategy, EVAL_STRATEGIES)
+        _check_in("hub_strategy", self.hub_strategy, HUB_STRATEGIES)
+        if self.bf16 and self.fp16:
+            raise ValueError("Choose one of bf16 and fp16.")
+        if self.per_device_train_batch_size < 1:
+            raise ValueError("per_device_train_batch_size must be at least 1.")
+        if self.num_train_epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("Set num_train_epochs > 0 or max_steps > 0.")
+        if not 0 <= self.self_label_epochs < max(self.num_train_epochs, 1e-9) and self.max_steps <= 0:
+            raise ValueError("self_label_epochs must be >= 0 and smaller than num_train_epochs.")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("push_to_hub needs --hub_model_id (e.g. my-org/twist-r50).")
+        if self.report_to in (["none"], ["None"]):
+            self.report_to = []
+
+
+@dataclass
+class LaunchArguments:
+    """Where the per-worker loop runs: a Ray Train cluster (default) or this process."""
+
+    launcher: str = field(default="ray", metadata={"help": "'ray' (Ray Train workers) or 'local' (this process, "
+                                                           "or each process of `accelerate launch`)."})
+    num_workers: int = field(default=2, metadata={"help": "Ray Train workers (one process each)."})
+    use_gpu: bool = field(default=False, metadata={"help": "One GPU per worker."})
+    resources_per_worker: dict | str | None = field(
+        default=None, metadata={"help": 'JSON, e.g. {"CPU": 4, "GPU": 1}; default 1 CPU (or 1 GPU).'})
+    storage_path: str | None = field(
+        default=None, metadata={"help": "Ray checkpoint storage: a folder or pyarrow URI (s3://, gs://); "
+                                        "default <output_dir>/ray."})
+    max_failures: int = field(default=3, metadata={"help": "Worker failures to recover from (-1: no limit)."})
+    ray_address: str | None = field(default=None, metadata={"help": "Cluster to join; default $RAY_ADDRESS or a "
+                                                                    "new local instance."})
+
+    def __post_init__(self):
+        _check_in("launcher", self.launcher, LAUNCHERS)
+        if isinstance(self.resources_per_worker, str):
+            try:
+                self.resources_per_worker = json.loads(self.resources_per_worker)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"resources_per_worker must be a JSON object: {error}") from error
+        if self.num_workers < 1:
+            raise ValueError("num_workers must be at least 1.")
+
+
+@dataclass
+class PretrainArguments:
+    """Everything one pretraining run needs, passed as one picklable object to every worker."""
+
+    model: ModelArguments
+    data: DataArguments
+    training: TwistTrainingArguments
+    launch: LaunchArguments
+
+    def to_dict(self) -> dict:
+        return {"model": asdict(self.model), "data": asdict(self.data), "training": _without_token(self.training),
+                "launch": asdict(self.launch)}
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TwistTrainingArguments, LaunchArguments)
+
+
+def _check_in(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
+
+
+def _without_token(training: TwistTrainingArguments) -> dict:
+    values = asdict(training)
+    values["hub_token"] = None
+    return values
+
+
+def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Pull `--config PATH` (or `--config=PATH`) out of argv."""
+    rest, config = [], None
+    iterator = iter(argv)
+    for item in iterator:
+        if item == "--config":
+            config = next(iterator, None)
+            if config is None:
+                raise ValueError("--config needs a YAML file path.")
+        elif item.startswith("--config="):
+            config = item.split("=", 1)[1]
+        else:
+            rest.append(item)
+    return config, rest
+
+
+def read_recipe(path: str | os.PathLike) -> dict:
+    """A recipe YAML as a flat dict of option -> value (sections, if any, are merged)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Recipe {path} does not exist; recipes live in recipes/configs/.")
+    content = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(content, dict):
+        raise ValueError(f"Recipe {path} must be a YAML mapping of option: value.")
+    flat: dict = {}
+    for key, value in content.items():
+        flat.update(value if isinstance(value, dict) and key in ("model", "data", "training", "launch") else
+                    {key: value})
+    return flat
+
+
+def make_parser() -> HfArgumentParser:
+    return HfArgumentParser(ARGUMENT_CLASSES, description="TWIST pretraining (Ray Train + Accelerate).")
+
+
+def parse_pretrain_args(argv: Sequence[str] | None = None) -> PretrainArguments:
+    """`--config recipe.yaml` sets defaults, other flags override them; unknown names are errors."""
+    parser = make_parser()
+    config_path, rest = _split_config_flag(list(argv) if argv is not None else [])
+    if config_path is not None:
+        recipe = read_recipe(config_path)
+        known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls)}
+        unknown = sorted(set(recipe) - known)
+        if unknown:
+            raise ValueError(f"Unknown option(s) in {config_path}: {', '.join(unknown)}. "
+                             "Run `python recipes/pretrain.py --help` for the list.")
+        parser.set_defaults(**recipe)
+    model, data, training, launch = parser.parse_args_into_dataclasses(args=rest)
+    return PretrainArguments(model=model, data=data, training=training, launch=launch)
+
+
+def arguments_from_dict(values: dict) -> PretrainArguments:
+    """Rebuild the arguments from `PretrainArguments.to_dict()` (e.g. a saved training_args.json)."""
+    return PretrainArguments(
+        model=ModelArguments(**values["model"]), data=DataArguments(**values["data"]),
+        training=TwistTrainingArguments(**values["training"]), launch=LaunchArguments(**values["launch"]),
+    )

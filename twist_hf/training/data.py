@@ -1,0 +1,163 @@
+"""Training and monitoring data for the per-worker loop: the augmented views of each step, and the
+labelled in-memory splits of the kNN monitor. Built on `twist_hf.data` and `twist_hf.transforms`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..data import (
+    DecodedImageDataset,
+    DecodedIterableImageDataset,
+    SkippedImageCounter,
+    collate_skipping_bad_images,
+    decode_to_uint8_array,
+    epoch_seed,
+    fashion_mnist_arrays,
+    find_image_column,
+    find_label_column,
+    in_memory_batches,
+    load_image_dataset,
+    shuffled_shard_for_epoch,
+)
+from ..transforms import BatchedMultiCrop, MultiCropTransform
+from .arguments import DataArguments
+
+FASHION_MNIST = "fashion-mnist"
+
+
+@dataclass
+class LabelledImages:
+    """A split decoded into memory: uint8 images (N, H, W) or (N, 3, H, W) and int64 labels (-1: none)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def head(self, count: int | None) -> LabelledImages:
+        return self if count is None else LabelledImages(self.images[:count], self.labels[:count])
+
+
+def load_split(data_args: DataArguments, split: str, size: int, counter: SkippedImageCounter | None = None,
+               max_samples: int | None = None) -> LabelledImages:
+    """Decode one split into memory at `size` x `size` (Fashion-MNIST straight from its IDX files)."""
+    if data_args.dataset_name == FASHION_MNIST:
+        images, labels = fashion_mnist_arrays("train" if split == "train" else "test")
+        return LabelledImages(images, labels).head(max_samples)
+    dataset = open_dataset(data_args, split)
+    if max_samples is not None:
+        dataset = dataset.select(range(min(max_samples, len(dataset))))
+    images, labels = decode_to_uint8_array(dataset, size, data_args.image_column, data_args.label_column, counter)
+    return LabelledImages(images, labels)
+
+
+def open_dataset(data_args: DataArguments, split: str, streaming: bool = False):
+    """The HF dataset of one split, as the data arguments name it."""
+    return load_image_dataset(
+        data_args.dataset_name, config_name=data_args.dataset_config_name, split=split,
+        data_dir=data_args.data_dir, data_files=data_args.data_files, streaming=streaming,
+    )
+
+
+def check_dataset(data_args: DataArguments, need_labels: bool) -> None:
+    """Fail early, in the driver, on an unknown dataset, split or column."""
+    if data_args.dataset_name == FASHION_MNIST:
+        fashion_mnist_arrays("train")
+        return
+    train = open_dataset(data_args, data_args.train_split, streaming=data_args.streaming)
+    find_image_column(train.features, data_args.image_column)
+    if need_labels and data_args.eval_split:
+        evaluation = open_dataset(data_args, data_args.eval_split, streaming=data_args.streaming)
+        if find_label_column(evaluation.features, data_args.label_column) is None:
+            raise ValueError(
+                f"The eval split {data_args.eval_split!r} has no label column for the kNN monitor; name it with "
+                "--label_column, or pass --eval_split '' to train without kNN evaluation."
+            )
+
+
+class BatchedViews:
+    """The in-memory fast path: each step's views made for the whole batch at once (one grid_sample each)."""
+
+    def __init__(self, split: LabelledImages, transform: BatchedMultiCrop, batch_size: int, rank: int,
+                 world_size: int, seed: int):
+        self.split = split
+        self.transform = transform
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.steps_per_epoch = (len(split.images) // world_size) // batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(split.images)} training images make no full batch of {batch_size} per worker over "
+                f"{world_size} workers; lower per_device_train_batch_size or use more data."
+            )
+
+    def epoch(self, epoch: int, skip_steps: int = 0) -> Iterator[list[torch.Tensor]]:
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed + 7919 * self.rank, epoch))
+        batches = in_memory_batches(self.split.images, self.split.labels, self.batch_size, rank=self.rank,
+                                    world_size=self.world_size, seed=self.seed, epoch=epoch)
+        for images, _ in itertools.islice(batches, skip_steps, None):
+            yield self.transform(images, generator=generator)
+
+
+class PerImageViews:
+    """Any HF dataset: torchvision v2 multi-crop per image in DataLoader workers, bad images skipped."""
+
+    def __init__(self, data_args: DataArguments, transform: MultiCropTransform, batch_size: int, rank: int,
+                 world_size: int, seed: int, max_steps_per_epoch: int | None, pin_memory: bool):
+        self.dataset = open_dataset(data_args, data_args.train_split, streaming=data_args.streaming)
+        if data_args.max_train_samples is not None and not data_args.streaming:
+            self.dataset = self.dataset.select(range(min(data_args.max_train_samples, len(self.dataset))))
+        self.data_args = data_args
+        self.transform = transform
+        self.batch_size = batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.pin_memory = pin_memory
+        self.skipped = SkippedImageCounter()
+        if data_args.streaming:
+            if max_steps_per_epoch is None:
+                raise ValueError("A streaming dataset has no length: set --max_steps.")
+            self.steps_per_epoch = max_steps_per_epoch
+        else:
+            self.steps_per_epoch = (len(self.dataset) // world_size) // batch_size
+            if self.steps_per_epoch == 0:
+                raise ValueError(f"The training split has too few images for one batch of {batch_size} per worker.")
+
+    def _loader(self, epoch: int) -> DataLoader:
+        shard = shuffled_shard_for_epoch(self.dataset, self.rank, self.world_size, self.seed, epoch)
+        wrapper = DecodedIterableImageDataset if self.data_args.streaming else DecodedImageDataset
+        torch_dataset = wrapper(shard, self.transform, self.data_args.image_column, self.data_args.label_column)
+        return DataLoader(torch_dataset, batch_size=self.batch_size, collate_fn=collate_skipping_bad_images,
+                          num_workers=self.data_args.dataloader_num_workers, pin_memory=self.pin_memory,
+                          drop_last=True)
+
+    def _batches(self, epoch: int) -> Iterator[dict]:
+        """The epoch's batches; a stream restarts (re-shuffled) when it runs out before the epoch's steps."""
+        yield from self._loader(epoch)
+        restart = epoch
+        while self.data_args.streaming:
+            restart += 10_000
+            yield from self._loader(restart)
+
+    def epoch(self, epoch: int, skip_steps: int = 0) -> Iterator[list[torch.Tensor]]:
+        good = (self._count_skipped_and_fill(batch) for batch in self._batches(epoch))
+        yield from itertools.islice((views for views in good if views is not None), skip_steps, self.steps_per_epoch)
+
+    def _count_skipped_and_fill(self, batch: dict) -> list[torch.Tensor] | None:
+        self.skipped.merge(batch["skipped"])
+        return fill_batch(batch["pixel_values"], self.batch_size) if "pixel_values" in batch else None
+
+
+def fill_batch(views: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """Top a batch that lost skipped images back up to `batch_size` by repeating its first samples, so every
+    rank keeps the same batch size (bunch norm groups and DDP need it)."""
+    missing = batch_size - views[0].shape[0]
+    if missing <= 0:
+        return views
+    repeat = torch.arange(missing) % views[0].shape[0]
+    return [torch.cat([view, view[repeat]]) for view in views]

@@ -1,0 +1,152 @@
+"""Optimisers and schedules of the TWIST recipes (spec section 6): LARS with exclusions, AdamW, SGD,
+linear warm-up + cosine learning rate, cosine weight decay, teacher momentum and self-label quantile."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Parameters never decayed nor LARS-adapted besides biases and 1-D tensors (ViT position embedding, CLS token).
+_NO_DECAY_NAMES = ("pos_embed", "cls_token", "position_embeddings")
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise adaptive rate scaling (SGD with momentum and a per-tensor trust ratio).
+
+    Groups with ``lars_adaptation=False`` (biases, norms) take plain SGD-momentum steps without decay.
+    """
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 1e-3):
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "eta": eta,
+                    "lars_adaptation": True}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                update = param.grad
+                if group["weight_decay"]:
+                    update = update.add(param, alpha=group["weight_decay"])
+                if group["lars_adaptation"]:
+                    update = update * _trust_ratio(param, update, group["eta"])
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param)
+                buffer = state["momentum_buffer"].mul_(group["momentum"]).add_(update)
+                param.add_(buffer, alpha=-group["lr"])
+        return loss
+
+
+def _trust_ratio(param: torch.Tensor, update: torch.Tensor, eta: float) -> torch.Tensor:
+    param_norm, update_norm = param.norm(), update.norm()
+    ratio = eta * param_norm / update_norm
+    return torch.where((param_norm > 0) & (update_norm > 0), ratio, torch.ones_like(ratio))
+
+
+def is_excluded_from_decay(name: str, param: torch.Tensor) -> bool:
+    """Biases, all 1-D parameters, and ViT position embedding / CLS token (spec section 6)."""
+    return param.ndim <= 1 or name.endswith(".bias") or any(key in name for key in _NO_DECAY_NAMES)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed + LARS-adapted weights, and the excluded parameters."""
+    decay, excluded = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (excluded if is_excluded_from_decay(name, param) else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lars_adaptation": True, "decay": True},
+        {"params": excluded, "weight_decay": 0.0, "lars_adaptation": False, "decay": False},
+    ]
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
+                    lars_eta: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """The recipe's optimiser over `parameter_groups(model)`."""
+    groups = parameter_groups(model, weight_decay)
+    if name == "lars":
+        return LARS(groups, lr=lr, weight_decay=weight_decay, momentum=momentum, eta=lars_eta)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"Unknown optimizer {name!r}; choose 'lars', 'adamw' or 'sgd'.")
+
+
+def cosine(start: float, end: float, progress: float) -> float:
+    """Cosine interpolation from `start` (progress 0) to `end` (progress 1)."""
+    progress = min(max(progress, 0.0), 1.0)
+    return end + (start - end) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def default_warmup_epochs(epochs: float) -> float:
+    """Spec: 10 warm-up epochs; 3 when training <= 20 epochs, 5 when <= 50."""
+    if epochs <= 20:
+        return 3.0
+    if epochs <= 50:
+        return 5.0
+    return 10.0
+
+
+@dataclass
+class TrainingSchedule:
+    """Per-step values of every schedule; phase 2 (self-labeling) restarts the lr with its own warm-up."""
+
+    total_steps: int
+    self_label_steps: int
+    warmup_steps: int
+    self_label_warmup_steps: int
+    learning_rate: float
+    self_label_learning_rate: float
+    min_lr_ratio: float
+    weight_decay: float
+    weight_decay_end: float
+    teacher_momentum: float
+    self_label_quantile: tuple[float, float]
+
+    @property
+    def phase1_steps(self) -> int:
+        return self.total_steps - self.self_label_steps
+
+    def in_self_label_phase(self, step: int) -> bool:
+        return step >= self.phase1_steps
+
+    def lr(self, step: int) -> float:
+        if self.in_self_label_phase(step):
+            return _warmup_cosine(step - self.phase1_steps, self.self_label_steps, self.self_label_warmup_steps,
+                                  self.self_label_learning_rate, self.min_lr_ratio)
+        return _warmup_cosine(step, self.phase1_steps, self.warmup_steps, self.learning_rate, self.min_lr_ratio)
+
+    def weight_decay_at(self, step: int) -> float:
+        return cosine(self.weight_decay, self.weight_decay_end, step / max(self.phase1_steps, 1))
+
+    def teacher_momentum_at(self, step: int) -> float:
+        return cosine(self.teacher_momentum, 1.0, step / max(self.phase1_steps, 1))
+
+    def self_label_quantile_at(self, step: int) -> float | None:
+        if not self.in_self_label_phase(step):
+            return None
+        start, end = self.self_label_quantile
+        return cosine(start, end, (step - self.phase1_steps) / max(self.self_label_steps, 1))
+
+
+def _warmup_cosine(step: int, steps: int, warmup: int, peak: float, min_ratio: float) -> float:
+    """Linear warm-up to `peak` over `warmup` steps, then cosine to `min_ratio * peak` at `steps`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return cosine(peak, peak * min_ratio, (step - warmup) / max(steps - warmup, 1))
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """Set this step's lr on every group and weight decay on the decayed group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group.get("decay", True):
+            group["weight_decay"] = weight_decay
