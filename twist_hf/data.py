@@ -248,7 +248,8 @@ def load_image_dataset(
     if name in BUILTIN_FASHION_MNIST_NAMES:
         return _load_builtin_fashion_mnist(split, data_dir, streaming)
     _check_builder_arguments(name, data_dir, data_files)
-    tried = f"load_dataset({name!r}, name={config_name!r}, split={split!r}, data_dir={data_dir!r}, " + (
+    tried = (
+        f"load_dataset({name!r}, name={config_name!r}, split={split!r}, data_dir={data_dir!r}, "
         f"data_files={data_files!r}, streaming={streaming})"
     )
     try:
