@@ -133,7 +133,7 @@ def _start_ray(args: PretrainArguments) -> None:
     env_vars = {key: os.environ[key] for key in RAY_TRAIN_ENV}
     if args.training.hub_token:
         env_vars["HF_TOKEN"] = args.training.hub_token
-    ray.init(address=address, runtime_env={"env_vars": env_vars}, include_dashboard=False,
+    ray.init(address=address, runtime_env={"env_vars": env_vars},
              configure_logging=True, logging_level=logging.WARNING)
 
 
