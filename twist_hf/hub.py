@@ -26,6 +26,8 @@ HUB_STRATEGIES = ("end", "every_save", "checkpoint")
 CHECKPOINT_FOLDER = "last-checkpoint"
 DEFAULT_IGNORE_PATTERNS = (
     "checkpoint-*/**",
+    "checkpoints/**",
+    "ray/**",
     f"{CHECKPOINT_FOLDER}/**",
     ".git/**",
     "**/.git/**",

@@ -169,6 +169,8 @@ class TwistTrainingArguments:
     hub_token: str | None = field(default=None, metadata={"help": "Default: the environment/login token."})
     hub_private_repo: bool = False
     hub_revision: str | None = None
+    hub_push_timeout: float = field(default=600.0, metadata={"help": "Deadline of each Hub push, in seconds; a "
+                                                                     "push past it is abandoned and retried."})
 
     def __post_init__(self):
         if self.output_dir is None:

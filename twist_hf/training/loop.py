@@ -352,7 +352,7 @@ class PretrainingRun:
             return None
         return HubPusher(self.training.hub_model_id, hub_strategy=self.training.hub_strategy,
                          hub_private_repo=self.training.hub_private_repo, hub_token=self.training.hub_token,
-                         hub_revision=self.training.hub_revision)
+                         hub_revision=self.training.hub_revision, push_timeout=self.training.hub_push_timeout)
 
     @property
     def student(self) -> TwistForPreTraining:
@@ -480,7 +480,7 @@ class PretrainingRun:
                          config_summary=_config_summary(self.config), training_summary=self._training_summary(results),
                          eval_results=_eval_rows(self.args, results))
         if self.pusher is not None:
-            summary = self.pusher.finish(self.output_dir, timeout=600)
+            summary = self.pusher.finish(self.output_dir, timeout=self.training.hub_push_timeout)
             results["hub_push"] = str(summary)
 
     def _training_summary(self, results: dict) -> dict:

@@ -1,0 +1,111 @@
+"""Pushing from real (tiny) training runs to the local Hub test server, including its failure modes."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hub_server import TEST_TOKEN, TEST_USER, client_env, start_hub_server
+from huggingface_hub import HfApi
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+REPO = f"{TEST_USER}/twist-tiny"
+
+
+def pretrain(output_dir: Path, env: dict, *extra: str, steps: int = 16) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, str(ROOT / "recipes" / "pretrain.py"), "--launcher", "local",
+        "--model_preset", "tiny-resnet", "--max_train_samples", "512", "--max_eval_samples", "200",
+        "--per_device_train_batch_size", "32", "--bunch_size", "32", "--local_crop_size", "8",
+        "--num_local_crops", "2", "--max_steps", str(steps), "--save_strategy", "steps", "--save_steps", "8",
+        "--logging_steps", "4", "--report_to", "none", "--output_dir", str(output_dir),
+        "--push_to_hub", "--hub_model_id", REPO, "--hub_token", TEST_TOKEN, *extra,
+    ]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+
+
+@pytest.fixture
+def hub(tmp_path):
+    server = start_hub_server(tmp_path / "hub")
+    yield server
+    server.stop()
+
+
+def repo_files(hub) -> set[str]:
+    return set(HfApi(endpoint=hub.endpoint, token=TEST_TOKEN).list_repo_files(REPO))
+
+
+def logged_steps(output_dir: Path) -> list[int]:
+    lines = (output_dir / "log.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines]
+
+
+def test_checkpoint_strategy_pushes_training_state_and_resumes_from_the_hub(hub, tmp_path):
+    env = client_env(hub, tmp_path / "hf-home")
+    first = pretrain(tmp_path / "first", env, "--hub_strategy", "checkpoint")
+    assert first.returncode == 0, first.stderr[-3000:]
+    files = repo_files(hub)
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "modeling_twist.py",
+            "last-checkpoint/training_state.pt", "last-checkpoint/trainer_state.json"} <= files
+    assert not any(name.startswith(("checkpoints/", "ray/")) for name in files)
+
+    second = pretrain(tmp_path / "second", env, "--resume_from_checkpoint", REPO, "--hub_strategy", "end", steps=24)
+    assert second.returncode == 0, second.stderr[-3000:]
+    steps = logged_steps(tmp_path / "second")
+    assert min(steps) > 16 and max(steps) == 24
+    results = json.loads((tmp_path / "second" / "all_results.json").read_text())
+    assert results["global_step"] == 24
+
+
+def wait_for_checkpoint(output: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (output / "checkpoints" / f"checkpoint-{step}").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+
+
+def run_with_faults(hub, tmp_path, stages: list) -> tuple[subprocess.CompletedProcess, Path]:
+    """Train 24 steps (saves at 8 and 16); `stages[0]` breaks the Hub at the start, `stages[i]` runs after
+    checkpoint 8 * i. The last stage mends it, so only a later push can land."""
+    output = tmp_path / "run"
+    stages[0]()
+
+    def follow_stages():
+        for index, stage in enumerate(stages[1:], start=1):
+            wait_for_checkpoint(output, 8 * index)
+            stage()
+
+    follower = threading.Thread(target=follow_stages, daemon=True)
+    follower.start()
+    result = pretrain(output, client_env(hub, tmp_path / "hf-home"), "--hub_strategy", "every_save",
+                      "--hub_push_timeout", "20", steps=24)
+    follower.join(timeout=5)
+    return result, output
+
+
+def assert_survived_and_pushed_later(hub, result, output: Path) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (output / "model.safetensors").is_file() and (output / "config.json").is_file()
+    log = result.stderr.lower()
+    assert "push" in log and ("fail" in log or "deadline" in log)
+    assert TEST_TOKEN not in result.stderr + result.stdout
+    assert {"config.json", "model.safetensors", "README.md"} <= repo_files(hub)
+
+
+def test_training_survives_a_hub_that_is_down_then_failing(hub, tmp_path):
+    def back_up_but_failing():
+        hub.restart()
+        hub.fail_with(500)
+
+    result, output = run_with_faults(hub, tmp_path, [hub.stop, back_up_but_failing, hub.heal])
+    assert_survived_and_pushed_later(hub, result, output)
+
+
+def test_training_survives_a_hanging_hub(hub, tmp_path):
+    result, output = run_with_faults(hub, tmp_path, [lambda: hub.hang(30), hub.heal])
+    assert_survived_and_pushed_later(hub, result, output)
