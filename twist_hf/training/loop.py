@@ -342,7 +342,7 @@ class PretrainingRun:
         if source is None:
             return 0
         state = load_training_state(source)
-        restore_training_state(state, model=model, optimizer=optimizer, teacher=self.teacher, scaler=None)
+        restore_training_state(state, model=model, optimizer=optimizer, teacher=self.teacher, scaler=self.accelerator.scaler)
         if self.accelerator.is_main_process:
             logger.info("Resumed from %s at step %d.", source, state["global_step"])
         return int(state["global_step"])
@@ -458,7 +458,7 @@ class PretrainingRun:
         folder = None
         if self.accelerator.is_main_process:
             folder = Path(tempfile.mkdtemp(prefix=f"twist-checkpoint-{step}-"))
-            save_checkpoint(folder, model=self.student, optimizer=self.optimizer, teacher=self.teacher, scaler=None,
+            save_checkpoint(folder, model=self.student, optimizer=self.optimizer, teacher=self.teacher, scaler=self.accelerator.scaler,
                             global_step=step, epoch=step // self.views.steps_per_epoch,
                             step_in_epoch=step % self.views.steps_per_epoch, metrics=metrics)
             if self.pusher is not None:
