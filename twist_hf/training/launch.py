@@ -124,9 +124,12 @@ def _check_cluster(args: PretrainArguments) -> None:
                 f"{available.get(resource, 0):g}. Lower --num_workers or --resources_per_worker, or add nodes.")
 
 
-def _start_ray(args: PretrainArguments) -> None:
+def _start_ray(args: PretrainArguments) -> bool:
+    """Start or join a Ray cluster; False when this process already runs Ray (its owner shuts it down)."""
     import ray
 
+    if ray.is_initialized():
+        return False
     for key, value in RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     address = args.launch.ray_address or os.environ.get("RAY_ADDRESS")
@@ -135,6 +138,7 @@ def _start_ray(args: PretrainArguments) -> None:
         env_vars["HF_TOKEN"] = args.training.hub_token
     ray.init(address=address, runtime_env={"env_vars": env_vars},
              configure_logging=True, logging_level=logging.WARNING)
+    return True
 
 
 def run_ray(args: PretrainArguments) -> dict:
@@ -143,7 +147,7 @@ def run_ray(args: PretrainArguments) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    _start_ray(args)
+    started = _start_ray(args)
     try:
         _check_cluster(args)
         output_dir = Path(args.training.output_dir).resolve()
@@ -167,7 +171,8 @@ def run_ray(args: PretrainArguments) -> dict:
         metrics["checkpoints"] = result.path
         return metrics
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
 
 
 def _ensure_output_folder(result, output_dir: Path) -> None:
