@@ -9,8 +9,8 @@ from twist_hf.model_card import CARD_FILE, add_eval_results
 
 EVAL_RESULTS_FILE = "eval_results.json"
 TASK_TYPE = "image-classification"
-# Bookkeeping values that are not results and stay out of the model card.
-NOT_FOR_CARD = ("linear_val_top1", "linear_best_lr")
+# Bookkeeping values and repeats (knn_top1/5 copy the best k's) that stay out of the model card.
+NOT_FOR_CARD = ("linear_val_top1", "linear_best_lr", "knn_top1", "knn_top5")
 
 
 def save_eval_results(metrics: dict[str, float], output_dir: str | Path) -> Path:
