@@ -330,7 +330,7 @@ class TwistForPreTraining(TwistPreTrainedModel):
 class TwistForImageClassification(TwistPreTrainedModel):
     """A TWIST backbone with a linear classifier over `num_labels`, for linear probing and fine-tuning."""
 
-    _keys_to_ignore_on_load_unexpected = [r"twist\.head\."]
+    _keys_to_ignore_on_load_unexpected = [r"^(twist\.)?head\."]
 
     def __init__(self, config: TwistConfig):
         super().__init__(config)
