@@ -101,7 +101,7 @@ def test_linear_probes_with_different_lrs_train_independently():
 
 
 def test_linear_probe_on_separable_features_converges():
-    train, train_labels = separable_blobs(400)
+    train, train_labels = separable_blobs(200)
     test, test_labels = separable_blobs(100, seed=1)
     probes = train_linear_probes(train, train_labels, 4, learning_rates=(0.1,), epochs=10, batch_size=64)
     logits = probes.scores(train)[0]

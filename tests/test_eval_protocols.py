@@ -246,6 +246,15 @@ def test_cluster_protocol_needs_a_twist_head(resnet_dir, image_folder, tmp_path)
         run_evaluation(quick_args(resnet_dir, image_folder, "cluster", tmp_path))
 
 
+def test_a_twist_checkpoint_without_its_head_gives_features_but_no_logits(tmp_path, image_folder, splits):
+    TwistModel(TwistConfig.from_preset("tiny-resnet"), add_head=False).save_pretrained(tmp_path / "backbone")
+    model, processor = load_feature_model(str(tmp_path / "backbone"))
+    result = extract_features(model, splits.test.select(range(3)), processor)
+    assert result.features.shape == (3, 16) and result.logits is None
+    with pytest.raises(ValueError, match="without a trained one"):
+        run_evaluation(quick_args(tmp_path / "backbone", image_folder, "cluster", tmp_path))
+
+
 def test_cluster_protocol_needs_at_least_as_many_head_classes_as_labels(image_folder, tmp_path):
     small_head = save_tiny_twist(tmp_path / "k4", num_classes=4)
     with pytest.raises(ValueError, match="K=4 classes but the dataset has 10 labels"):

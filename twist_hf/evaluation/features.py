@@ -11,8 +11,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModel, BaseImageProcessor, PreTrainedModel
 
-import twist_hf  # noqa: F401  (registers the "twist" model type with the Auto classes)
-
 from .data import ImageClassificationCollator, ProcessorTransform
 
 TWIST_MODEL_TYPE = "twist"
@@ -31,19 +29,19 @@ class FeatureModel(nn.Module):
     """Maps pixel_values to (features, head logits or None) for a TwistModel or any HF vision backbone.
 
     Backbone features are pooler_output flattened; without a (trained) pooler, the CLS token of a
-    transformer or the spatial mean of a CNN feature map.
+    transformer or the spatial mean of a CNN feature map. Head logits only come from a trained TWIST head.
     """
 
-    def __init__(self, model: PreTrainedModel, use_pooler: bool = True):
+    def __init__(self, model: PreTrainedModel, use_pooler: bool = True, trained_head: bool = True):
         super().__init__()
         self.model = model
         self.use_pooler = use_pooler
-        self.is_twist = model.config.model_type == TWIST_MODEL_TYPE
+        self.has_head = model.config.model_type == TWIST_MODEL_TYPE and trained_head
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         outputs = self.model(pixel_values=pixel_values, return_dict=True)
-        if self.is_twist:
-            return outputs.pooler_output, outputs.logits
+        if self.model.config.model_type == TWIST_MODEL_TYPE:
+            return outputs.pooler_output, (outputs.logits if self.has_head else None)
         pooled = getattr(outputs, "pooler_output", None)
         if self.use_pooler and pooled is not None:
             return pooled.flatten(1), None
@@ -54,11 +52,12 @@ class FeatureModel(nn.Module):
 def load_feature_model(name_or_path: str) -> tuple[FeatureModel, BaseImageProcessor]:
     """Load a model folder or Hub id with AutoModel, and its image processor, ready for extraction.
 
-    A pooler whose weights the checkpoint lacks (e.g. ViTModel from a classifier) is freshly random,
-    so it is skipped in favour of the CLS token.
+    Parts the checkpoint lacks are freshly random, so they are not used: a pooler (e.g. ViTModel from a
+    classifier) gives way to the CLS token, and a TWIST head (a backbone-only checkpoint) to no logits.
     """
     model, loading_info = AutoModel.from_pretrained(name_or_path, output_loading_info=True)
     untrained_pooler = any(key.startswith("pooler.") for key in loading_info["missing_keys"])
+    untrained_head = any(key.startswith("head.") for key in loading_info["missing_keys"])
     try:
         processor = AutoImageProcessor.from_pretrained(name_or_path)
     except OSError as error:
@@ -66,7 +65,9 @@ def load_feature_model(name_or_path: str) -> tuple[FeatureModel, BaseImageProces
             f"{name_or_path} has no image processor (preprocessor_config.json); save one next to the model "
             "so that evaluation preprocesses images the way the model expects."
         ) from error
-    return FeatureModel(model.eval(), use_pooler=not untrained_pooler), processor
+    return FeatureModel(
+        model.eval(), use_pooler=not untrained_pooler, trained_head=not untrained_head
+    ), processor
 
 
 def extract_features(

@@ -138,7 +138,7 @@ def backbone_and_head_groups(model: PreTrainedModel, backbone_lr: float, head_lr
     """Optimizer groups: the base model (backbone) at backbone_lr, everything else (classifier) at head_lr."""
     backbone_ids = {id(p) for p in model.base_model.parameters()}
     head = [p for p in model.parameters() if id(p) not in backbone_ids]
-    if not head or len(backbone_ids) == 0 or model.base_model is model:
+    if not head:
         raise ValueError(f"Cannot split {type(model).__name__} into a backbone and a classifier head.")
     return [
         {"params": list(model.base_model.parameters()), "lr": backbone_lr},

@@ -75,13 +75,13 @@ def run_evaluation(
 
 def _applicable_protocols(eval_args: EvalArguments, feature_model: FeatureModel) -> tuple[str, ...]:
     """The requested protocols; `cluster` needs a TWIST head (an error if asked for, skipped under `all`)."""
-    if feature_model.is_twist:
+    if feature_model.has_head:
         return eval_args.protocols
     if eval_args.protocol == "cluster":
         raise ValueError(
             f"The cluster protocol uses the TWIST head's class distribution, but {eval_args.model} is a "
-            f"{feature_model.model.config.model_type!r} model without one. Use a TWIST model or another "
-            "protocol."
+            f"{feature_model.model.config.model_type!r} model without a trained one. Use a TWIST model with "
+            "its head, or another protocol."
         )
     if "cluster" in eval_args.protocols:
         logger.warning("%s has no TWIST head: skipping the cluster protocol.", eval_args.model)
