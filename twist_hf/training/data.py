@@ -69,14 +69,17 @@ def check_dataset(data_args: DataArguments, need_labels: bool) -> None:
         fashion_mnist_arrays("train")
         return
     train = open_dataset(data_args, data_args.train_split, streaming=data_args.streaming)
-    find_image_column(train.features, data_args.image_column)
-    if need_labels and data_args.eval_split:
-        evaluation = open_dataset(data_args, data_args.eval_split, streaming=data_args.streaming)
-        if find_label_column(evaluation.features, data_args.label_column) is None:
-            raise ValueError(
-                f"The eval split {data_args.eval_split!r} has no label column for the kNN monitor; name it with "
-                "--label_column, or pass --eval_split '' to train without kNN evaluation."
-            )
+    try:
+        find_image_column(train.features, data_args.image_column)
+        if need_labels and data_args.eval_split:
+            evaluation = open_dataset(data_args, data_args.eval_split, streaming=data_args.streaming)
+            if find_label_column(evaluation.features, data_args.label_column) is None:
+                raise ValueError(
+                    f"The eval split {data_args.eval_split!r} has no label column for the kNN monitor; name it "
+                    "with --label_column, or pass --eval_split '' to train without kNN evaluation."
+                )
+    except KeyError as error:  # a column named on the command line is missing: a config error, not a crash
+        raise ValueError(error.args[0]) from error
 
 
 class BatchedViews:
