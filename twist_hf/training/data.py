@@ -101,11 +101,13 @@ class BatchedViews:
             )
 
     def epoch(self, epoch: int, skip_steps: int = 0) -> Iterator[list[torch.Tensor]]:
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed + 7919 * self.rank, epoch))
+        """The views of each step; each step's augmentation is seeded by (seed, rank, epoch, step), so a run
+        resumed mid-epoch draws the same crops as an uninterrupted one."""
+        epoch_stream = epoch_seed(self.seed + 7919 * self.rank, epoch)
         batches = in_memory_batches(self.split.images, self.split.labels, self.batch_size, rank=self.rank,
                                     world_size=self.world_size, seed=self.seed, epoch=epoch)
-        for images, _ in itertools.islice(batches, skip_steps, None):
-            yield self.transform(images, generator=generator)
+        for step, (images, _) in enumerate(itertools.islice(batches, skip_steps, None), start=skip_steps):
+            yield self.transform(images, generator=torch.Generator().manual_seed(epoch_seed(epoch_stream, step)))
 
 
 class PerImageViews:
