@@ -328,7 +328,8 @@ class PretrainingRun:
             self.teacher.to(self.accelerator.device)
         self.monitor = KnnMonitor(args, self.config) if args.data.eval_split else None
         self.pusher = self._build_pusher()
-        self.last_checkpoint_step: int | None = None
+        # A resumed run starts from a good checkpoint: the one it resumed from, until it saves its own.
+        self.last_checkpoint_step: int | None = self.start_step or None
 
     def _build_teacher(self, model):
         if not self.training.momentum_teacher:
