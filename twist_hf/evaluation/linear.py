@@ -126,14 +126,20 @@ def _holdout_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tupl
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
     label_array = labels.cpu().numpy()
-    counts = np.bincount(label_array)
-    stratify = label_array if counts[counts > 0].min() >= 2 else None
+    class_counts = np.bincount(label_array)
+    num_val = math.ceil(val_fraction * len(label_array))
+    stratify = label_array if _can_stratify(class_counts[class_counts > 0], num_val) else None
     fit, val = train_test_split(
         np.arange(len(label_array)), test_size=val_fraction, random_state=seed, stratify=stratify
     )
     return torch.as_tensor(np.sort(fit), device=labels.device), torch.as_tensor(
         np.sort(val), device=labels.device
     )
+
+
+def _can_stratify(class_counts: np.ndarray, num_val: int) -> bool:
+    """Stratifying needs two samples of every class and room for every class on both sides of the split."""
+    return class_counts.min() >= 2 and min(num_val, class_counts.sum() - num_val) >= len(class_counts)
 
 
 def _check_probe_inputs(
