@@ -27,9 +27,11 @@ def plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def trials_table(result_grid, dimensions: list[Dimension], metric: str, max_epochs: int,
+def trials_table(result_grid, dimensions: list[Dimension], metric: str, saved_status: dict[str, str],
                  trials_dir: Path) -> pd.DataFrame:
-    """One row per trial, best first: parameters, the metric (last and best report), epochs, outcome."""
+    """One row per trial, best first: parameters, the metric (last and best report), epochs, outcome.
+
+    `saved_status`: trial id -> status in the saved sweep state (an interrupted trial is still RUNNING there)."""
     rows = []
     for result in result_grid:
         history = result.metrics_dataframe
@@ -42,7 +44,7 @@ def trials_table(result_grid, dimensions: list[Dimension], metric: str, max_epoc
             metric: float(scores.iloc[-1]) if len(scores) else math.nan,
             f"best_{metric}": float(scores.max()) if len(scores) else math.nan,
             "epochs": int(last.get("training_iteration", 0)),
-            "outcome": _outcome(result, last, max_epochs),
+            "outcome": _outcome(result, last, saved_status.get(trial_id, "TERMINATED")),
             "output_dir": str(trials_dir / trial_id),
         })
     table = pd.DataFrame(rows)
@@ -53,14 +55,12 @@ def trials_table(result_grid, dimensions: list[Dimension], metric: str, max_epoc
     return table
 
 
-def _outcome(result, last: dict, max_epochs: int) -> str:
+def _outcome(result, last: dict, status: str) -> str:
     if result.error is not None:
         return f"error: {type(result.error).__name__}"
     if last.get("status") == "completed":
         return "completed"
-    if last.get("training_iteration", 0) < max_epochs:
-        return "stopped early"
-    return "unfinished"
+    return "stopped early" if status == "TERMINATED" else "unfinished"
 
 
 def write_tables(table: pd.DataFrame, output_dir: Path, metric: str) -> tuple[Path, Path]:

@@ -231,10 +231,13 @@ def run_sweep(setup: SweepSetup) -> SweepOutcome:
 
 
 def write_outputs(plan: SweepPlan, result_grid) -> SweepOutcome:
+    from ray.tune import ExperimentAnalysis
+
     metric = plan.setup.sweep.metric
-    table = trials_table(result_grid, plan.dimensions, metric, plan.max_epochs, plan.trials_dir)
+    saved = {trial.trial_id: trial.status for trial in ExperimentAnalysis(str(plan.experiment_path)).trials}
+    table = trials_table(result_grid, plan.dimensions, metric, saved, plan.trials_dir)
     table_path, _ = write_tables(table, plan.output_dir, metric)
-    unfinished = len(result_grid) - result_grid.num_terminated - result_grid.num_errors
+    unfinished = int((table["outcome"] == "unfinished").sum()) if not table.empty else 0
     scored = table.dropna(subset=[metric]) if not table.empty else table
     if scored.empty:
         return SweepOutcome(table_path, None, {}, unfinished)
