@@ -221,7 +221,7 @@ def fashion_mnist_run(args: argparse.Namespace, device: torch.device) -> dict:
 def markdown(results: dict) -> str:
     r50, fmnist = results["resnet50_multicrop"], results["fashion_mnist"]
     mfu = f"{100 * r50['mfu']:.1f}%" if r50["mfu"] is not None else "n/a (unknown peak)"
-    rows = [["ResNet-50 2x224+6x96 bf16 step", fmt_range(r50["img_per_s"]), f"MFU {mfu} (target >= 35%)"],
+    rows = [["ResNet-50 2x224+6x96 bf16 step", fmt_range(r50["img_per_s"], 2), f"MFU {mfu} (target >= 35%)"],
             ["Fashion-MNIST ResNet-18-sized run", f"{fmnist['img_per_s']:.0f}",
              (f"kNN top-1 {fmnist['knn_top1']:.4f} vs random init {fmnist['random_init_knn_top1']:.4f}, "
              f"{fmnist['epochs']:.1f} epochs in {fmnist['train_s']:.0f} s")]]

@@ -13,6 +13,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,23 +50,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def chosen_sections(args: argparse.Namespace) -> list[str]:
     if args.only:
         return list(args.only)
-    sections = ["train_step", "augmentation", "quality"] if args.smoke else ["train_step", "augmentation", "launchers"]
+    sections = ["augmentation", "train_step", "quality"] if args.smoke else ["augmentation", "launchers", "train_step"]
     if args.quality and "quality" not in sections:
         sections.append("quality")
     return sections
 
 
-def run_sections(args: argparse.Namespace, device: torch.device) -> dict:
+def run_sections(args: argparse.Namespace, device: torch.device, save: Callable[[dict], None]) -> dict:
+    """Each chosen section in turn; `save` writes the results so far after every section and training workload."""
     size = "smoke" if args.smoke else "quick" if args.quick else "full"
     reps = args.reps or (1 if args.smoke else 3)
     warmup = 1
     compile_mode = args.compile or ("none" if args.smoke or args.quick else "all" if device.type == "cuda" else "small")
-    results, timings = {}, {}
+    results: dict = {"section_seconds": {}}
     for section in chosen_sections(args):
         started = time.perf_counter()
         print(f"[benchmarks] {section} ...", flush=True)
         if section == "train_step":
-            results[section] = train_step.run(device, size, warmup, reps, compile_mode)
+            results[section] = train_step.run(device, size, warmup, reps, compile_mode,
+                                              on_workload=lambda done: save({**results, "train_step": done}))
         elif section == "augmentation":
             results[section] = augmentation.run(warmup=1, reps=reps, max_images=2 if args.smoke else None,
                                                 num_local=2 if args.smoke else 6)
@@ -77,8 +80,8 @@ def run_sections(args: argparse.Namespace, device: torch.device) -> dict:
                 subset = (2000, 500) if args.smoke else (None, None)
                 results[section] = quality.run(Path(work_dir), with_training=args.quality and not args.smoke,
                                                max_train=subset[0], max_test=subset[1])
-        timings[section] = time.perf_counter() - started
-    results["section_seconds"] = timings
+        results["section_seconds"][section] = time.perf_counter() - started
+        save(results)
     return results
 
 
@@ -124,7 +127,8 @@ def markdown_report(results: dict) -> str:
     if "quality" in results:
         parts += ["", "## Quality on Fashion-MNIST (kNN top-1)", "", quality_table(results["quality"])]
     parts += ["", "## Targets", ""] + [f"- {line}" for line in target_lines(results)]
-    parts += ["", f"Section wall times (s): { {k: round(v) for k, v in results['section_seconds'].items()} }", ""]
+    parts += ["", f"Section wall times (s): { {k: round(v) for k, v in results['section_seconds'].items()} }"
+              + ("" if results.get("complete") else " (partial: the run is still going or was stopped)"), ""]
     return "\n".join(parts)
 
 
@@ -162,15 +166,20 @@ def target_lines(results: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
-    results = {"machine": machine_info(device), "mode": "smoke" if args.smoke else "quick" if args.quick else "full"}
-    results.update(run_sections(args, device))
-    stem = f"{device_slug(device)}-{results['machine']['date']}{'-smoke' if args.smoke else ''}"
+    header = {"machine": machine_info(device), "mode": "smoke" if args.smoke else "quick" if args.quick else "full"}
+    stem = f"{device_slug(device)}-{header['machine']['date']}{'-smoke' if args.smoke else ''}"
     results_dir = Path(args.results_dir)
-    write_json(results_dir / f"{stem}.json", results)
-    report = markdown_report(results)
-    (results_dir / f"{stem}.md").write_text(report)
-    Path(args.summary).write_text(report)
-    print(report)
+
+    def save(sections: dict) -> None:
+        write_json(results_dir / f"{stem}.json", {**header, **sections})
+        report = markdown_report({**header, **sections})
+        (results_dir / f"{stem}.md").write_text(report)
+        Path(args.summary).write_text(report)
+
+    results = {**header, **run_sections(args, device, save)}
+    results["complete"] = True
+    save({key: value for key, value in results.items() if key not in header})
+    print(markdown_report(results))
     return results
 
 

@@ -5,6 +5,7 @@ from the same seed and fed the same synthetic views (the step cost does not depe
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -51,8 +52,8 @@ def workloads(size: str) -> list[Workload]:
     return [
         Workload("fmnist-resnet-2x28+4x14", "fmnist-resnet", 64 if size == "quick" else 128, 28, 14, 4),
         Workload("resnet50-2x224", "resnet50", big, 224),
-        Workload("resnet50-2x224+6x96", "resnet50", big, 224, 96, 6),
         Workload("vit-s16-2x224", "vit-s16", big, 224, optim="adamw"),
+        Workload("resnet50-2x224+6x96", "resnet50", big, 224, 96, 6),
     ]
 
 
@@ -151,9 +152,16 @@ def benchmark_workload(workload: Workload, device: torch.device, warmup: int, re
 SMALL_PRESETS = ("fmnist-resnet", "tiny-resnet")
 
 
-def run(device: torch.device, size: str, warmup: int, reps: int, compile_mode: str) -> dict:
-    """Every workload; compile_mode 'none', 'small' (the small presets only) or 'all'."""
+def run(device: torch.device, size: str, warmup: int, reps: int, compile_mode: str,
+        on_workload: Callable[[dict], None] | None = None) -> dict:
+    """Every workload; compile_mode 'none', 'small' (the small presets only) or 'all'. `on_workload` sees the
+    results so far after each workload (to save partial results on a slow machine)."""
     if compile_mode not in ("none", "small", "all"):
         raise ValueError(f"compile_mode must be 'none', 'small' or 'all', got {compile_mode!r}.")
-    return {workload.name: benchmark_workload(workload, device, warmup, reps, compile_mode == "all" or (
-        compile_mode == "small" and workload.preset in SMALL_PRESETS)) for workload in workloads(size)}
+    results = {}
+    for workload in workloads(size):
+        use_compile = compile_mode == "all" or (compile_mode == "small" and workload.preset in SMALL_PRESETS)
+        results[workload.name] = benchmark_workload(workload, device, warmup, reps, use_compile)
+        if on_workload is not None:
+            on_workload(results)
+    return results
