@@ -82,7 +82,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def plot_metric(table: pd.DataFrame, dimensions: list[Dimension], metric: str, path: Path) -> Path:
-    """One panel per swept parameter: each trial's metric at its value (stopped-early trials hollow)."""
+    """One panel per swept parameter: each trial's metric at its value (trials that did not complete hollow)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +94,7 @@ def plot_metric(table: pd.DataFrame, dimensions: list[Dimension], metric: str, p
         x = _plot_positions(table[dimension.name], axis)
         axis.scatter(x[completed], table[metric][completed], color="tab:blue", label="completed")
         axis.scatter(x[~completed], table[metric][~completed], facecolors="none", edgecolors="tab:red",
-                     label="stopped early / failed")
+                     label="not completed (stopped early, unfinished, failed)")
         if dimension.distribution == "loguniform":
             axis.set_xscale("log")
         axis.set_xlabel(dimension.name)
