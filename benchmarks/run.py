@@ -10,6 +10,7 @@ benchmarks/RESULTS.md (the latest table).
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,30 +57,38 @@ def chosen_sections(args: argparse.Namespace) -> list[str]:
     return sections
 
 
-def run_sections(args: argparse.Namespace, device: torch.device, save: Callable[[dict], None]) -> dict:
-    """Each chosen section in turn; `save` writes the results so far after every section and training workload."""
+def run_section(section: str, args: argparse.Namespace, device: torch.device,
+                save_train_step: Callable[[dict], None]) -> dict:
     size = "smoke" if args.smoke else "quick" if args.quick else "full"
     reps = args.reps or (1 if args.smoke else 3)
-    warmup = 1
-    compile_mode = args.compile or ("none" if args.smoke or args.quick else "all" if device.type == "cuda" else "small")
-    results: dict = {"section_seconds": {}}
+    if section == "train_step":
+        compile_mode = args.compile or ("none" if args.smoke or args.quick else
+                                        "all" if device.type == "cuda" else "small")
+        return train_step.run(device, size, 1, reps, compile_mode, on_workload=save_train_step)
+    if section == "augmentation":
+        return augmentation.run(warmup=1, reps=reps, max_images=2 if args.smoke else None,
+                                num_local=2 if args.smoke else 6)
+    if section == "launchers":
+        with tempfile.TemporaryDirectory(prefix="twist-bench-launch-") as work_dir:
+            return launchers.run(Path(work_dir), steps=100 if args.quick else 200)
+    with tempfile.TemporaryDirectory(prefix="twist-bench-quality-") as work_dir:
+        subset = (2000, 500) if args.smoke else (None, None)
+        return quality.run(Path(work_dir), with_training=args.quality and not args.smoke,
+                           max_train=subset[0], max_test=subset[1])
+
+
+def run_sections(args: argparse.Namespace, device: torch.device, save: Callable[[dict], None]) -> dict:
+    """Each chosen section in turn; `save` writes the results so far after every section and training workload.
+    A section that fails (a launcher timing out on a loaded machine) is recorded and the others still run."""
+    results: dict = {"section_seconds": {}, "errors": {}}
     for section in chosen_sections(args):
         started = time.perf_counter()
         print(f"[benchmarks] {section} ...", flush=True)
-        if section == "train_step":
-            results[section] = train_step.run(device, size, warmup, reps, compile_mode,
-                                              on_workload=lambda done: save({**results, "train_step": done}))
-        elif section == "augmentation":
-            results[section] = augmentation.run(warmup=1, reps=reps, max_images=2 if args.smoke else None,
-                                                num_local=2 if args.smoke else 6)
-        elif section == "launchers":
-            with tempfile.TemporaryDirectory(prefix="twist-bench-launch-") as work_dir:
-                results[section] = launchers.run(Path(work_dir), steps=100 if args.quick else 200)
-        elif section == "quality":
-            with tempfile.TemporaryDirectory(prefix="twist-bench-quality-") as work_dir:
-                subset = (2000, 500) if args.smoke else (None, None)
-                results[section] = quality.run(Path(work_dir), with_training=args.quality and not args.smoke,
-                                               max_train=subset[0], max_test=subset[1])
+        try:
+            results[section] = run_section(section, args, device,
+                                           lambda done: save({**results, "train_step": done}))
+        except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as error:
+            results["errors"][section] = f"{type(error).__name__}: {error}"[-2000:]
         results["section_seconds"][section] = time.perf_counter() - started
         save(results)
     return results
@@ -127,6 +136,7 @@ def markdown_report(results: dict) -> str:
     if "quality" in results:
         parts += ["", "## Quality on Fashion-MNIST (kNN top-1)", "", quality_table(results["quality"])]
     parts += ["", "## Targets", ""] + [f"- {line}" for line in target_lines(results)]
+    parts += [f"- section {name} failed: {message.splitlines()[0]}" for name, message in results["errors"].items()]
     parts += ["", f"Section wall times (s): { {k: round(v) for k, v in results['section_seconds'].items()} }"
               + ("" if results.get("complete") else " (partial: the run is still going or was stopped)"), ""]
     return "\n".join(parts)

@@ -53,7 +53,8 @@ def test_smoke_run_writes_results_and_table(tmp_path):
     [json_path] = results_dir.glob("cpu-*-smoke.json")
     results = json.loads(json_path.read_text())
     assert set(results) >= {"machine", "mode", "train_step", "augmentation", "quality", "section_seconds"}
-    assert results["machine"]["device"] and results["mode"] == "smoke"
+    assert results["machine"]["device"] and results["mode"] == "smoke" and results["errors"] == {}
+    assert results["complete"] is True
     [workload] = results["train_step"].values()
     assert set(workload["variants"]) == {"eager-fp32", "channels_last", "bf16", "channels_last+bf16"}
     eager = workload["variants"]["eager-fp32"]
