@@ -399,6 +399,8 @@ def draw_figures(
     rng = np.random.default_rng(settings.seed)
     chosen = np.sort(rng.choice(len(labels), size=min(settings.figure_images, len(labels)), replace=False))
     probabilities = matched_class_probabilities(test.logits[chosen].softmax(dim=1), cluster_to_label)
+    # With K > 10 clusters most mass sits in unmatched ones: show the distribution over the 10 classes.
+    probabilities = probabilities / probabilities.sum(dim=1, keepdim=True)
     images = [PIL.Image.fromarray(data.test_images[i].numpy()) for i in chosen]
     figures = [
         plot_top3_predictions(
@@ -446,8 +448,9 @@ def results_markdown(results: dict, figures: list[Path]) -> str:
         lines.append(f"| {part} | {cells} |")
     lines.append("")
     captions = {
-        "top3_predictions.png": "Top-3 predictions of the trained TWIST head (Hungarian-matched classes; "
-        "title = ground truth, green when the top prediction is right)",
+        "top3_predictions.png": "Top-3 predictions of the trained TWIST head: probabilities of the "
+        "Hungarian-matched clusters, renormalised over the 10 classes; title = ground truth, green when the "
+        "top prediction is right",
         "confusion_matrix.png": "Confusion matrix of the trained head after Hungarian matching",
         "training_curves.png": "Pretraining curves from the model's log.jsonl",
     }
@@ -468,7 +471,7 @@ def _protocol_notes(results: dict) -> list[str]:
         (
             "- Semi-supervised (networks): fine-tune backbone + a new linear classifier on a seeded "
             "class-balanced 1% / 10% of the train labels, backbone lr 0.04 / 0.02, head lr 0.2 (per 256 "
-            f"images), {settings['semi_epochs'] or 20} epochs, SGD momentum 0.9, cosine, random crop + flip. "
+            f"images), epochs: {settings['semi_epochs'] or 20}, SGD momentum 0.9, cosine, random crop + flip. "
             "Raw pixels: the linear probe trained on those labels only."
         ),
         (
