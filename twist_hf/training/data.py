@@ -86,8 +86,9 @@ class BatchedViews:
     """The in-memory fast path: each step's views made for the whole batch at once (one grid_sample each)."""
 
     def __init__(self, split: LabelledImages, transform: BatchedMultiCrop, batch_size: int, rank: int,
-                 world_size: int, seed: int):
+                 world_size: int, seed: int, skipped: SkippedImageCounter | None = None):
         self.split = split
+        self.skipped = skipped or SkippedImageCounter()
         self.transform = transform
         self.batch_size = batch_size
         self.rank = rank

@@ -205,7 +205,8 @@ def summary_lines(args: PretrainArguments, metrics: dict) -> list[str]:
         lines.append(f"Checkpoints (Ray storage): {metrics['checkpoints']}")
     else:
         lines.append(f"Checkpoints: {output / 'checkpoints'}")
-    shown = {key: metrics[key] for key in ("knn_top1", "knn_top5", "train_runtime", "train_images_per_second")
+    shown = {key: metrics[key] for key in ("knn_top1", "knn_top5", "train_runtime", "train_images_per_second",
+                                          "skipped_images")
              if key in metrics}
     lines.append("Metrics: " + json.dumps(shown))
     return lines

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
+from ..data import SkippedImageCounter
 from ..evaluation.knn import knn_evaluate
 from ..hub import HubPusher, resolve_resume_checkpoint
 from ..model_card import write_model_card
@@ -107,8 +108,11 @@ def build_train_views(args: PretrainArguments, config, rank: int, world_size: in
     training, data = args.training, args.data
     transform = crop_transforms(args, config, self_labeling=False, batched=data.augmentation_backend == "batched")
     if data.augmentation_backend == "batched":
-        split = load_split(data, data.train_split, config.image_size, max_samples=data.max_train_samples)
-        return BatchedViews(split, transform, training.per_device_train_batch_size, rank, world_size, training.seed)
+        skipped = SkippedImageCounter()
+        split = load_split(data, data.train_split, config.image_size, counter=skipped,
+                           max_samples=data.max_train_samples)
+        return BatchedViews(split, transform, training.per_device_train_batch_size, rank, world_size, training.seed,
+                            skipped)
     return PerImageViews(data, transform, training.per_device_train_batch_size, rank, world_size, training.seed,
                          total_steps_hint, pin_memory=args.launch.use_gpu)
 
@@ -374,12 +378,23 @@ class PretrainingRun:
         train_seconds = time.perf_counter() - started
         results = {"status": "completed", "global_step": total, "train_runtime": train_seconds,
                    "train_images_per_second": (total - self.start_step) * self.global_batch / max(train_seconds, 1e-9)}
+        results["skipped_images"] = self._skipped_images()
         if self.monitor is not None:
             results.update(self.monitor.evaluate(self.student.twist, self.accelerator))
         self.log.log(total, results)
         self.log.close()
         self._finish(results)
         return results
+
+    def _skipped_images(self) -> int:
+        """Undecodable training images skipped (and logged): per read over all ranks on the per-image path,
+        where each rank reads its own shard every epoch; once per image on the batched path."""
+        skipped, per_rank = self.views.skipped, isinstance(self.views, PerImageViews)
+        if skipped.count and (per_rank or self.accelerator.is_main_process):
+            logger.warning("Rank %d %s.", self.accelerator.process_index, skipped.summary())
+        if not per_rank:
+            return skipped.count
+        return int(self.accelerator.reduce(torch.tensor(skipped.count, device=self.accelerator.device), "sum"))
 
     def _train(self, total: int) -> None:
         per_epoch = self.views.steps_per_epoch
