@@ -367,6 +367,8 @@ class PretrainingRun:
         """Train to the last step, then evaluate and save; returns the final metrics (same on every rank)."""
         total = self.schedule.total_steps
         self.log = RunLog(self.accelerator, self.output_dir, total, self.start_step, self.args.to_dict())
+        if self.start_step:  # the training log shows where a resumed (or Ray-restarted) run picked up
+            self.log.log(self.start_step, {"resumed_from_step": self.start_step})
         started = time.perf_counter()
         try:
             self._train(total)
