@@ -1,0 +1,262 @@
+"""Pretraining options without training: every shipped recipe parses and builds, `--help` lists every option,
+and bad configuration fails in the driver with one clear message before any worker starts."""
+
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import datasets
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from twist_hf import TwistForPreTraining
+from twist_hf.training import LaunchError, parse_pretrain_args, validate_before_launch
+from twist_hf.training.arguments import ARGUMENT_CLASSES
+from twist_hf.training.launch import _check_bunch
+from twist_hf.training.loop import build_schedule, crop_transforms
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
+sys.path.insert(0, str(ROOT / "recipes"))
+from pretrain import main
+
+TINY = ["--model_preset", "tiny-resnet", "--max_train_samples", "256", "--max_eval_samples", "64",
+        "--per_device_train_batch_size", "32", "--bunch_size", "64", "--local_crop_size", "8",
+        "--num_train_epochs", "1", "--report_to", "none"]
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def test_there_are_five_recipes():
+    assert {path.name for path in RECIPES} == {
+        "fmnist.yaml", "imagenet-resnet50-multicrop.yaml", "imagenet-resnet50-twoview.yaml",
+        "imagenet-vit-s16.yaml", "imagenet-vit-b16.yaml"}
+
+
+BACKBONE_MILLIONS = {"fmnist-resnet": None, "resnet50": 23.5, "vit-s16": 21.7, "vit-b16": 85.8}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
+def test_every_recipe_parses_and_builds_model_data_and_schedule(recipe):
+    """Small models run for real; the ImageNet ones are built and run on the meta device (shapes, no FLOPs)."""
+    args = parse_pretrain_args(["--config", str(recipe)])
+    config = args.model.build_config()
+    _check_bunch(config, args.training.per_device_train_batch_size, args.launch.num_workers)
+    views = recipe_views(args, config)
+    assert len(views) == 2 + args.data.num_local_crops
+    size = args.data.global_crop_size or config.image_size
+    assert [tuple(view.shape[-2:]) for view in views] == (
+        [(size, size)] * 2 + [(args.data.local_crop_size,) * 2] * args.data.num_local_crops)
+
+    small = BACKBONE_MILLIONS[args.model.model_preset] is None
+    with torch.device("cpu" if small else "meta"), torch.no_grad():
+        model = TwistForPreTraining(config).eval()
+        output = model.twist(pixel_values=views[0] if small else torch.empty(2, 3, size, size))
+        local = model.twist(pixel_values=torch.empty(2, 3, args.data.local_crop_size, args.data.local_crop_size))
+    assert output.logits.shape[1:] == local.logits.shape[1:] == (config.num_classes,)
+    if not small:
+        backbone = sum(param.numel() for param in model.twist.backbone.parameters()) / 1e6
+        assert backbone == pytest.approx(BACKBONE_MILLIONS[args.model.model_preset], abs=0.1)
+
+    global_batch = args.training.per_device_train_batch_size * args.launch.num_workers
+    steps_per_epoch = (60_000 if args.data.dataset_name == "fashion-mnist" else IMAGENET_TRAIN_IMAGES) // global_batch
+    schedule = build_schedule(args, steps_per_epoch, global_batch)
+    assert schedule.total_steps == round(args.training.num_train_epochs * steps_per_epoch)
+    assert schedule.learning_rate == pytest.approx(args.training.learning_rate * global_batch / 256)
+    assert schedule.self_label_steps == round(args.training.self_label_epochs * steps_per_epoch)
+
+
+def recipe_views(args, config) -> list[torch.Tensor]:
+    """The recipe's augmentation applied to random images: (batch, 3, size, size) per view."""
+    transform = crop_transforms(args, config, self_labeling=False,
+                                batched=args.data.augmentation_backend == "batched")
+    if args.data.augmentation_backend == "batched":
+        images = torch.randint(0, 256, (4, config.image_size, config.image_size), dtype=torch.uint8)
+        return transform(images, generator=torch.Generator().manual_seed(0))
+    size = args.data.global_crop_size or config.image_size
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size + 13, size + 29, 3), np.uint8))
+    return [view.unsqueeze(0) for view in transform(image)]
+
+
+def test_imagenet_recipes_keep_the_papers_global_batches_and_models():
+    expected = {"imagenet-resnet50-multicrop": ("resnet50", 2048, 4096, 12, 850, 50),
+                "imagenet-resnet50-twoview": ("resnet50", 2048, 32768, 0, 800, 0),
+                "imagenet-vit-s16": ("vit-s16", 1024, None, 6, 300, 0),
+                "imagenet-vit-b16": ("vit-b16", 1024, None, 10, 300, 0)}
+    for name, (preset, batch, classes, local_crops, epochs, self_label) in expected.items():
+        args = parse_pretrain_args(["--config", str(ROOT / "recipes" / "configs" / f"{name}.yaml")])
+        assert args.model.model_preset == preset
+        assert args.training.per_device_train_batch_size * args.launch.num_workers == batch
+        assert classes is None or args.model.build_config().num_classes == classes
+        assert args.data.num_local_crops == local_crops
+        assert (args.training.num_train_epochs, args.training.self_label_epochs) == (epochs, self_label)
+        assert args.launch.use_gpu
+
+
+def test_command_line_overrides_the_recipe():
+    args = parse_pretrain_args(["--config", str(ROOT / "recipes" / "configs" / "fmnist.yaml"),
+                                "--learning_rate", "0.25", "--num_workers", "3", "--global_crop_scale", "0.5", "1"])
+    assert args.training.learning_rate == 0.25
+    assert args.launch.num_workers == 3
+    assert args.data.global_crop_scale == [0.5, 1.0]
+    assert args.data.num_local_crops == 4
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    names = [field.name for cls in ARGUMENT_CLASSES for field in fields(cls)]
+    missing = [name for name in names if f"--{name}" not in text]
+    assert not missing
+    assert "--learning_rate LEARNING_RATE" in text and "(default: 0.5)" in text
+
+
+def write_recipe(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_yaml_key_is_a_clear_error(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, "model_preset: tiny-resnet\nlearning_rat: 0.1\nnum_worker: 2\n")
+    with pytest.raises(ValueError, match=r"Unknown option\(s\) in .*recipe.yaml: learning_rat, num_worker"):
+        parse_pretrain_args(["--config", str(recipe)])
+    assert main(["--config", str(recipe)]) == 2
+    assert "learning_rat" in capsys.readouterr().err
+
+
+def test_unknown_command_line_option_is_an_error():
+    with pytest.raises(ValueError, match="no_such_option"):
+        parse_pretrain_args(["--no_such_option", "3"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("optim: adam\n", "optim must be one of 'lars', 'adamw', 'sgd', got 'adam'"),
+    ("save_strategy: hourly\n", "save_strategy must be one of"),
+    ("augmentation_backend: gpu\n", "augmentation_backend must be one of"),
+    ("global_crop_scale: [0.8, 0.2]\n", "global_crop_scale must be two numbers 0 < min <= max <= 1"),
+    ("model_preset: resnet9000\n", "Unknown model_preset 'resnet9000'"),
+    ("launcher: slurm\n", "launcher must be one of 'ray', 'local'"),
+    ("num_workers: 0\n", "num_workers must be at least 1"),
+    ("bf16: true\nfp16: true\n", "Choose one of bf16 and fp16"),
+    ("resources_per_worker: '{CPU: 2'\n", "resources_per_worker must be a JSON object"),
+])
+def test_bad_recipe_value_is_a_clear_error(tmp_path, text, message):
+    recipe = write_recipe(tmp_path, text)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        parse_pretrain_args(["--config", str(recipe)])
+
+
+def test_badly_typed_value_names_the_option(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, "per_device_train_batch_size: lots\n")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_pretrain_args(["--config", str(recipe)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "argument --per_device_train_batch_size" in error and "invalid int value: 'lots'" in error
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad configuration fails in the driver, through the user's entry point, before Ray starts.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """No network here: make the Hub lookups of an unknown dataset fail at once instead of retrying."""
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def image_folder(root: Path, per_class: int = 4) -> Path:
+    """A tiny labelled imagefolder dataset with train/ and test/ splits."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for label in ("boot", "shirt"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for index in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (20, 20, 3), np.uint8)).save(folder / f"{index}.png")
+    return root
+
+
+def fails_in_driver(argv: list[str], output_dir: Path, capsys) -> str:
+    """Run the recipe's entry point; return its one error line after checking nothing was started."""
+    started = time.perf_counter()
+    assert main([*TINY, "--output_dir", str(output_dir), *argv]) == 2
+    assert time.perf_counter() - started < 5, "validation took as long as starting Ray"
+    assert not (output_dir / "ray").exists() and not (output_dir / "log.jsonl").exists()
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+def test_unknown_dataset_fails_in_the_driver(tmp_path, capsys, offline_hub):
+    error = fails_in_driver(["--dataset_name", "no-such-user/no-such-dataset"], tmp_path / "out", capsys)
+    assert "no-such-user/no-such-dataset" in error and "Could not load dataset" in error
+
+
+def test_missing_data_dir_fails_in_the_driver(tmp_path, capsys):
+    error = fails_in_driver(["--dataset_name", "imagefolder", "--data_dir", str(tmp_path / "nowhere")],
+                            tmp_path / "out", capsys)
+    assert f"data_dir='{tmp_path / 'nowhere'}' does not exist" in error
+
+
+@pytest.mark.parametrize("option", ["--image_column", "--label_column"])
+def test_unknown_column_fails_in_the_driver(tmp_path, capsys, option):
+    folder = image_folder(tmp_path / "images")
+    error = fails_in_driver(["--dataset_name", "imagefolder", "--data_dir", str(folder), option, "picture"],
+                            tmp_path / "out", capsys)
+    assert "'picture' not in the dataset" in error and "['image', 'label']" in error
+
+
+def test_eval_split_without_labels_fails_in_the_driver(tmp_path, capsys):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for index in range(4):
+        Image.fromarray(np.full((8, 8, 3), index * 40, np.uint8)).save(folder / f"{index}.png")
+    error = fails_in_driver(["--dataset_name", "imagefolder", "--data_dir", str(folder), "--eval_split", "train"],
+                            tmp_path / "out", capsys)
+    assert "no label column for the kNN monitor" in error
+
+
+def test_batch_that_does_not_divide_the_bunch_fails_in_the_driver(tmp_path, capsys):
+    error = fails_in_driver(["--per_device_train_batch_size", "24"], tmp_path / "out", capsys)
+    assert "bunch_size 64 is not a multiple of the per-device batch size 24" in error
+
+
+def test_bunch_spanning_workers_that_do_not_divide_fails_in_the_driver(tmp_path, capsys):
+    error = fails_in_driver(["--per_device_train_batch_size", "16", "--num_workers", "3"], tmp_path / "out", capsys)
+    assert "spans 4 workers, which does not divide the 3 workers" in error
+
+
+@pytest.mark.parametrize("tau", ["0", "-0.5"])
+def test_non_positive_tau_fails_in_the_driver(tmp_path, capsys, tau):
+    error = fails_in_driver(["--tau", tau], tmp_path / "out", capsys)
+    assert "tau must be > 0" in error
+
+
+def test_used_output_dir_without_resume_or_overwrite_fails_in_the_driver(tmp_path, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "all_results.json").write_text("{}")
+    error = fails_in_driver([], output, capsys)
+    assert "already holds a run" in error and "--resume_from_checkpoint latest" in error
+    assert "--overwrite_output_dir" in error
+
+
+def test_validation_accepts_a_good_config(tmp_path):
+    folder = image_folder(tmp_path / "images")
+    args = parse_pretrain_args([*TINY, "--dataset_name", "imagefolder", "--data_dir", str(folder),
+                                "--output_dir", str(tmp_path / "out")])
+    validate_before_launch(args)
+    if torch.cuda.is_available():
+        return
+    with pytest.raises(LaunchError, match="has no CUDA device"):
+        validate_before_launch(parse_pretrain_args([*TINY, "--launcher", "local", "--use_gpu",
+                                                    "--output_dir", str(tmp_path / "out")]))

@@ -1,0 +1,172 @@
+"""The pretraining engine on a real local Ray cluster of 2 CPUs (one instance for the module): a 2-worker run,
+a worker killed mid-run that the run survives by resuming from its last reported checkpoint, and a run that
+asks for more workers than the cluster has."""
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+import torch
+from transformers import AutoModel
+
+from twist_hf.training.checkpoint import read_trainer_state
+from twist_hf.training.launch import RAY_TRAIN_ENV
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+from pretrain import main
+
+TINY = ["--launcher", "ray", "--num_workers", "2", "--model_preset", "tiny-resnet", "--max_train_samples", "512",
+        "--max_eval_samples", "200", "--per_device_train_batch_size", "32", "--bunch_size", "64",
+        "--local_crop_size", "8", "--num_local_crops", "2", "--logging_steps", "4", "--report_to", "none",
+        "--save_strategy", "steps", "--save_steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A 2-CPU Ray instance shared by the module's runs (run_ray joins it and leaves it running)."""
+    for key, value in RAY_TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
+    ray.init(num_cpus=2, runtime_env={"env_vars": {key: os.environ[key] for key in RAY_TRAIN_ENV}},
+             configure_logging=True, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+def logged_steps(output_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (output_dir / "log.jsonl").read_text().splitlines()]
+
+
+def ray_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoints Ray has persisted in its storage (<output_dir>/ray/<run>/checkpoint-<step>)."""
+    return sorted(path for path in output_dir.glob("ray/*/checkpoint-*") if (path / "trainer_state.json").is_file())
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_cluster, tmp_path_factory) -> tuple[Path, str]:
+    output = tmp_path_factory.mktemp("ray") / "run"
+    started = time.perf_counter()
+    assert main([*TINY, "--output_dir", str(output), "--num_train_epochs", "2", "--save_total_limit", "2"]) == 0
+    return output, f"{time.perf_counter() - started:.0f} s"
+
+
+def test_two_worker_ray_run_leaves_model_results_log_card_and_checkpoints(two_worker_run, capsys):
+    output, _ = two_worker_run
+    results = json.loads((output / "all_results.json").read_text())
+    assert results["status"] == "completed" and results["global_step"] == 16  # 512 / (2 x 32) = 8 steps x 2 epochs
+    assert 0.1 < results["knn_top1"] <= 1
+    model = AutoModel.from_pretrained(output)
+    assert all(torch.isfinite(value).all() for value in model.state_dict().values())
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md",
+            "training_args.json"} <= {path.name for path in output.iterdir()}
+    log = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [4, 8, 12, 16, 16]
+    assert log[0]["epoch"] == 0.5  # two workers share each epoch
+    assert [path.name for path in ray_checkpoints(output)] == ["checkpoint-000000012", "checkpoint-000000016"]
+    assert read_trainer_state(ray_checkpoints(output)[-1])["metrics"]["knn_top1"] == results["knn_top1"]
+    assert AutoModel.from_pretrained(ray_checkpoints(output)[0] / "model").config.num_classes == 16
+    assert ray.is_initialized()  # run_ray left the module's instance running
+
+
+def test_latest_finds_the_newest_checkpoint_in_ray_storage(two_worker_run, capsys):
+    """`--resume_from_checkpoint latest` looks in the Ray storage too; here it continues the Ray run locally."""
+    output, _ = two_worker_run
+    assert main([*TINY, "--launcher", "local", "--output_dir", str(output), "--max_steps", "20",
+                 "--resume_from_checkpoint", "latest"]) == 0
+    assert logged_steps(output)[-3:] == [16, 20, 20]
+    assert json.loads((output / "all_results.json").read_text())["global_step"] == 20
+
+
+def test_more_workers_than_the_cluster_has_fails_before_any_worker_starts(ray_cluster, tmp_path, capsys):
+    started = time.perf_counter()
+    assert main([*TINY, "--output_dir", str(tmp_path / "run"), "--num_workers", "8", "--max_steps", "4"]) == 2
+    assert time.perf_counter() - started < 10
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert errors == [("error: 8 workers need 8 CPU but the Ray cluster has 2. Lower --num_workers or "
+                       "--resources_per_worker, or add nodes.")]
+    assert not (tmp_path / "run" / "ray").exists() and not (tmp_path / "run" / "log.jsonl").exists()
+    assert not train_workers()
+
+
+def train_workers() -> list[psutil.Process]:
+    """This test process's own Ray Train worker processes (other Ray instances on the machine are not ours)."""
+    return [child for child in psutil.Process().children(recursive=True)
+            if "RayTrainWorker" in " ".join(_cmdline(child))]
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
+def registered_checkpoint_step(output_dir: Path) -> int | None:
+    """The step of the newest checkpoint Ray Train's controller has registered (its snapshot in the storage).
+
+    A checkpoint folder can be persisted before the controller's next poll registers the report; a worker
+    killed in between is restored from the previously registered checkpoint, so the test waits for this."""
+    for snapshot in output_dir.glob("ray/*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+        except (OSError, json.JSONDecodeError):
+            return None
+        return latest["metrics"]["global_step"] if latest else None
+    return None
+
+
+class WorkerKiller(threading.Thread):
+    """Waits until Ray has registered a reported checkpoint, then SIGKILLs one training worker process."""
+
+    def __init__(self, output_dir: Path, timeout: float = 240):
+        super().__init__(daemon=True)
+        self.output_dir, self.timeout = output_dir, timeout
+        self.checkpoint_step: int | None = None
+        self.killed_pid: int | None = None
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            step = registered_checkpoint_step(self.output_dir)
+            workers = train_workers()
+            if step is not None and len(workers) == 2:
+                self.checkpoint_step = step
+                victim = workers[-1]
+                os.kill(victim.pid, signal.SIGKILL)
+                self.killed_pid = victim.pid
+                return
+            time.sleep(0.05)
+
+
+def test_a_killed_worker_resumes_from_the_last_reported_checkpoint(ray_cluster, tmp_path, capsys):
+    output = tmp_path / "run"
+    killer = WorkerKiller(output)
+    killer.start()
+    code = main([*TINY, "--output_dir", str(output), "--max_steps", "32", "--max_failures", "1",
+                 "--save_total_limit", "3", "--eval_split", ""])
+    killer.join(timeout=1)
+    assert killer.killed_pid is not None, "no checkpoint was reported, or the workers were not found"
+    assert code == 0, capsys.readouterr().err[-3000:]
+
+    log = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    restarts = [index for index, entry in enumerate(log) if "resumed_from_step" in entry]
+    assert len(restarts) == 1, log
+    resumed_from = log[restarts[0]]["resumed_from_step"]
+    assert resumed_from >= killer.checkpoint_step > 0, (resumed_from, killer.checkpoint_step)
+    before, after = [entry["step"] for entry in log[:restarts[0]]], [entry["step"] for entry in log[restarts[0]:]]
+    assert before == list(range(4, before[-1] + 1, 4)) and before[-1] >= resumed_from
+    assert after == [*range(resumed_from, 33, 4), 32]
+    results = json.loads((output / "all_results.json").read_text())
+    assert results["status"] == "completed" and results["global_step"] == 32
+    assert AutoModel.from_pretrained(output).config.num_classes == 16
+    assert ray_checkpoints(output)[-1].name == "checkpoint-000000032"
