@@ -334,6 +334,8 @@ class PretrainingRun:
         self.pusher = self._build_pusher()
         # A resumed run starts from a good checkpoint: the one it resumed from, until it saves its own.
         self.last_checkpoint_step: int | None = self.start_step or None
+        # The first log line of a resumed (or Ray-restarted) run says where it picked up.
+        self.resumed_from_step: int | None = self.start_step or None
 
     def _build_teacher(self, model):
         if not self.training.momentum_teacher:
@@ -367,8 +369,6 @@ class PretrainingRun:
         """Train to the last step, then evaluate and save; returns the final metrics (same on every rank)."""
         total = self.schedule.total_steps
         self.log = RunLog(self.accelerator, self.output_dir, total, self.start_step, self.args.to_dict())
-        if self.start_step:  # the training log shows where a resumed (or Ray-restarted) run picked up
-            self.log.log(self.start_step, {"resumed_from_step": self.start_step})
         started = time.perf_counter()
         try:
             self._train(total)
@@ -461,6 +461,8 @@ class PretrainingRun:
         metrics = {"loss": loss.item(), "lr": self.schedule.lr(step - 1), **step_statistics(output, num_views),
                    "img_per_s": self.log.throughput(step, self.global_batch),
                    "epoch": step / self.views.steps_per_epoch}
+        if self.resumed_from_step is not None:
+            metrics["resumed_from_step"], self.resumed_from_step = self.resumed_from_step, None
         self.log.log(step, metrics)
         if step > self.schedule.warmup_steps and not self.schedule.in_self_label_phase(step):
             self.log.warn_if_collapsing(step, metrics, self.config.num_classes, output.logits.shape[1])
