@@ -7,18 +7,24 @@ accelerate launch recipes/evaluate.py --config recipes/configs/eval/imagenet-lin
 
 import json
 import logging
+import sys
 
 from accelerate import PartialState
 
 from twist_hf.evaluation import parse_evaluation_arguments, run_evaluation
 
 
-def main() -> None:
+def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    metrics = run_evaluation(*parse_evaluation_arguments())
+    try:
+        metrics = run_evaluation(*parse_evaluation_arguments(argv))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if PartialState().is_main_process:
         print(json.dumps({f"eval_{key}": value for key, value in metrics.items()}, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

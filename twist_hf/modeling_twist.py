@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModel, ConvNextImageProcessor, PreTrainedModel, ViTImageProcessor
-from transformers.image_processing_utils import BaseImageProcessor
 from transformers import initialization as init
+from transformers.image_processing_utils import BaseImageProcessor
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 

@@ -1,13 +1,12 @@
 """Typed evaluation arguments, parsed from the command line and optionally a YAML file underneath it."""
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-import yaml
 from transformers import HfArgumentParser
+
+from ..cli import parse_with_config
 
 PROTOCOLS = ("knn", "linear", "semi", "cluster")
 
@@ -151,39 +150,4 @@ def parse_evaluation_arguments(
     argv: Sequence[str] | None = None,
 ) -> tuple[EvalArguments, KnnArguments, LinearArguments, SemiArguments, ClusterArguments]:
     """Parse `argv`; with `--config file.yaml` its values become the defaults that flags then override."""
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
-    parser.add_argument(
-        "--config", default=None, help="YAML file of arguments; command-line flags override it."
-    )
-    config_path = _config_path(argv)
-    if config_path is not None:
-        _apply_yaml_defaults(parser, config_path)
-    *parsed, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    return tuple(parsed)
-
-
-def _config_path(argv: Sequence[str] | None) -> str | None:
-    """The --config value, read before the full parse so that it can set defaults."""
-    pre_parser = argparse.ArgumentParser(add_help=False)
-    pre_parser.add_argument("--config", default=None)
-    return pre_parser.parse_known_args(args=argv)[0].config
-
-
-def _apply_yaml_defaults(parser: HfArgumentParser, config_path: str) -> None:
-    """Make the YAML values the parser's defaults (and no longer required)."""
-    path = Path(config_path)
-    if not path.is_file():
-        raise ValueError(f"--config {config_path}: no such file.")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise TypeError(
-            f"{config_path} must hold a mapping of argument names to values, got {type(values).__name__}."
-        )
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{config_path} has unknown keys {unknown}; run with --help for the argument names.")
-    parser.set_defaults(**values)
-    for action in parser._actions:
-        if action.dest in values:
-            action.required = False
+    return parse_with_config(HfArgumentParser(ARGUMENT_CLASSES), argv, "python recipes/evaluate.py")

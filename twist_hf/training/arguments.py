@@ -9,12 +9,11 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
-import yaml
 from transformers import HfArgumentParser
 
+from ..cli import parse_with_config, read_yaml_options
 from ..configuration_twist import TWIST_PRESETS, TwistConfig
 
 OPTIMIZERS = ("lars", "adamw", "sgd")
@@ -249,35 +248,12 @@ def _without_token(training: TwistTrainingArguments) -> dict:
     return values
 
 
-def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
-    """Pull `--config PATH` (or `--config=PATH`) out of argv."""
-    rest, config = [], None
-    iterator = iter(argv)
-    for item in iterator:
-        if item == "--config":
-            config = next(iterator, None)
-            if config is None:
-                raise ValueError("--config needs a YAML file path.")
-        elif item.startswith("--config="):
-            config = item.split("=", 1)[1]
-        else:
-            rest.append(item)
-    return config, rest
+RECIPE_SECTIONS = ("model", "data", "training", "launch")
 
 
 def read_recipe(path: str | os.PathLike) -> dict:
     """A recipe YAML as a flat dict of option -> value (sections, if any, are merged)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Recipe {path} does not exist; recipes live in recipes/configs/.")
-    content = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(content, dict):
-        raise ValueError(f"Recipe {path} must be a YAML mapping of option: value.")
-    flat: dict = {}
-    for key, value in content.items():
-        flat.update(value if isinstance(value, dict) and key in ("model", "data", "training", "launch") else
-                    {key: value})
-    return flat
+    return read_yaml_options(path, RECIPE_SECTIONS)
 
 
 def make_parser() -> HfArgumentParser:
@@ -286,18 +262,8 @@ def make_parser() -> HfArgumentParser:
 
 def parse_pretrain_args(argv: Sequence[str] | None = None) -> PretrainArguments:
     """`--config recipe.yaml` sets defaults, other flags override them; unknown names are errors."""
-    parser = make_parser()
-    config_path, rest = _split_config_flag(list(argv) if argv is not None else [])
-    if config_path is not None:
-        recipe = read_recipe(config_path)
-        known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls)}
-        unknown = sorted(set(recipe) - known)
-        if unknown:
-            raise ValueError(f"Unknown option(s) in {config_path}: {', '.join(unknown)}. "
-                             "Run `python recipes/pretrain.py --help` for the list.")
-        parser.set_defaults(**recipe)
-    model, data, training, launch = parser.parse_args_into_dataclasses(args=rest)
-    return PretrainArguments(model=model, data=data, training=training, launch=launch)
+    parsed = parse_with_config(make_parser(), argv, "python recipes/pretrain.py", RECIPE_SECTIONS)
+    return PretrainArguments(*parsed)
 
 
 def arguments_from_dict(values: dict) -> PretrainArguments:

@@ -108,7 +108,8 @@ def ray_train_loop(loop_config: dict) -> None:
     train_worker(arguments_from_dict(loop_config["args"]), RayReporter())
 
 
-def _worker_resources(args: PretrainArguments) -> dict:
+def worker_resources(args: PretrainArguments) -> dict:
+    """Ray resources of one worker: as given, else 1 CPU (and 1 GPU with --use_gpu)."""
     if args.launch.resources_per_worker:
         return dict(args.launch.resources_per_worker)
     return {"CPU": 1, "GPU": 1} if args.launch.use_gpu else {"CPU": 1}
@@ -118,7 +119,7 @@ def _check_cluster(args: PretrainArguments) -> None:
     import ray
 
     available = ray.cluster_resources()
-    for resource, amount in _worker_resources(args).items():
+    for resource, amount in worker_resources(args).items():
         needed = amount * args.launch.num_workers
         if available.get(resource, 0) < needed:
             raise LaunchError(
@@ -126,7 +127,7 @@ def _check_cluster(args: PretrainArguments) -> None:
                 f"{available.get(resource, 0):g}. Lower --num_workers or --resources_per_worker, or add nodes.")
 
 
-def _start_ray(args: PretrainArguments) -> bool:
+def start_ray(args: PretrainArguments) -> bool:
     """Start or join a Ray cluster; False when this process already runs Ray (its owner shuts it down)."""
     import ray
 
@@ -149,12 +150,12 @@ def run_ray(args: PretrainArguments) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    started = _start_ray(args)
+    started = start_ray(args)
     try:
         _check_cluster(args)
         output_dir = Path(args.training.output_dir).resolve()
         storage = args.launch.storage_path or str(output_dir / "ray")
-        resources = _worker_resources(args)
+        resources = worker_resources(args)
         trainer = TorchTrainer(
             train_loop_per_worker=ray_train_loop,
             train_loop_config={"args": args.to_dict(), "threads_per_worker": resources.get("CPU", 1)},

@@ -25,7 +25,12 @@ from ..evaluation.knn import knn_evaluate
 from ..hub import HubPusher, resolve_resume_checkpoint
 from ..model_card import write_model_card
 from ..modeling_twist import TwistForPreTraining
-from ..transforms import BatchedMultiCrop, MultiCropTransform, batched_eval_transform, self_labeling_crop_scales
+from ..transforms import (
+    BatchedMultiCrop,
+    MultiCropTransform,
+    batched_eval_transform,
+    self_labeling_crop_scales,
+)
 from .arguments import PretrainArguments
 from .checkpoint import (
     LocalCheckpoints,

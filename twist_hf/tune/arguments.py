@@ -15,7 +15,8 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from ..training.arguments import ARGUMENT_CLASSES, PretrainArguments, _split_config_flag, read_recipe
+from ..cli import split_config_flag
+from ..training.arguments import ARGUMENT_CLASSES, PretrainArguments, read_recipe
 from .trial import SWEEP_METRICS
 
 SEARCH_ALGORITHMS = ("random", "grid", "optuna")
@@ -99,7 +100,7 @@ def _resolve_recipe(name: str, folder: Path) -> Path:
 
 def parse_sweep_args(argv: list[str]) -> SweepSetup:
     """`--config sweep.yaml` + flags -> sweep options and the base pretraining arguments."""
-    config_path, rest = _split_config_flag(list(argv))
+    config_path, rest = split_config_flag(argv)
     sweep_defaults = read_sweep_config(config_path) if config_path else {}
     _check_known(sweep_defaults, config_path)
     parser = make_sweep_parser()

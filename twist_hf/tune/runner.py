@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..training.arguments import PretrainArguments
-from ..training.launch import _start_ray, _worker_resources, validate_before_launch
+from ..training.launch import start_ray, validate_before_launch, worker_resources
 from .arguments import SweepSetup
 from .results import BEST_CONFIG, PLOT_FILE, plain, plot_metric, trials_table, write_best_config, write_tables
 from .space import Dimension, SearchSpaceError, check_search_algorithm, param_space, parse_search_space
@@ -119,7 +119,7 @@ def _check_output(plan: SweepPlan) -> None:
 
 def trial_resources(base: PretrainArguments) -> dict:
     """What one trial holds: its worker's resources, or a tiny driver share plus num_workers workers."""
-    per_worker = _worker_resources(base)
+    per_worker = worker_resources(base)
     workers = base.launch.num_workers
     if workers == 1:
         return dict(per_worker)
@@ -131,7 +131,7 @@ def trial_resources(base: PretrainArguments) -> dict:
 def trial_function_resources(base: PretrainArguments) -> dict:
     """What Tune reserves for the trial function: its worker, or only the driver share (Ray Train's workers
     reserve their own)."""
-    return dict(_worker_resources(base)) if base.launch.num_workers == 1 else {"CPU": DRIVER_CPU}
+    return dict(worker_resources(base)) if base.launch.num_workers == 1 else {"CPU": DRIVER_CPU}
 
 
 def concurrent_trials(requested: int, per_trial: dict, available: dict) -> int:
@@ -218,7 +218,7 @@ def run_sweep(setup: SweepSetup) -> SweepOutcome:
         os.environ.setdefault(key, value)
     started_here = not ray.is_initialized()
     if started_here:
-        _start_ray(setup.base)
+        start_ray(setup.base)
     try:
         concurrency = concurrent_trials(setup.sweep.max_concurrent_trials, trial_resources(setup.base),
                                         ray.cluster_resources())

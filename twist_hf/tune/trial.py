@@ -138,9 +138,9 @@ def run_trial(config: dict, setup: dict) -> None:
 
 
 def _train_in_this_process(args: PretrainArguments, objective: Objective) -> dict:
-    from ..training.launch import _worker_resources
+    from ..training.launch import worker_resources
 
-    torch.set_num_threads(max(1, int(_worker_resources(args).get("CPU", 1))))
+    torch.set_num_threads(max(1, int(worker_resources(args).get("CPU", 1))))
     return train_worker(args, TuneReporter(objective))
 
 
@@ -149,9 +149,9 @@ def _train_on_ray_train(args: PretrainArguments, objective: Objective, name: str
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ..training.launch import _worker_resources, ray_train_loop
+    from ..training.launch import ray_train_loop, worker_resources
 
-    resources = _worker_resources(args)
+    resources = worker_resources(args)
     trainer = TorchTrainer(
         train_loop_per_worker=ray_train_loop,
         train_loop_config={"args": args.to_dict(), "threads_per_worker": resources.get("CPU", 1)},
