@@ -260,3 +260,9 @@ def test_validation_accepts_a_good_config(tmp_path):
     with pytest.raises(LaunchError, match="has no CUDA device"):
         validate_before_launch(parse_pretrain_args([*TINY, "--launcher", "local", "--use_gpu",
                                                     "--output_dir", str(tmp_path / "out")]))
+
+
+def test_output_dir_is_made_absolute_for_workers_with_their_own_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = parse_pretrain_args(["--output_dir", "runs/relative"])
+    assert args.training.output_dir == str(tmp_path / "runs" / "relative")

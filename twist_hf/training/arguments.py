@@ -174,6 +174,8 @@ class TwistTrainingArguments:
     def __post_init__(self):
         if self.output_dir is None:
             self.output_dir = os.path.join("outputs", f"twist-{time.strftime('%Y%m%d-%H%M%S')}")
+        # Absolute, because Ray Train workers run in a working directory of their own.
+        self.output_dir = os.path.abspath(self.output_dir)
         _check_in("optim", self.optim, OPTIMIZERS)
         _check_in("save_strategy", self.save_strategy, SAVE_STRATEGIES)
         _check_in("eval_strategy", self.eval_strategy, EVAL_STRATEGIES)
