@@ -15,7 +15,7 @@ from PIL import Image
 
 from twist_hf import TwistForPreTraining
 from twist_hf.training import LaunchError, parse_pretrain_args, validate_before_launch
-from twist_hf.training.arguments import ARGUMENT_CLASSES
+from twist_hf.training.arguments import ARGUMENT_CLASSES, read_recipe
 from twist_hf.training.launch import _check_bunch
 from twist_hf.training.loop import build_schedule, crop_transforms
 
@@ -24,16 +24,35 @@ RECIPES = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 sys.path.insert(0, str(ROOT / "recipes"))
 from pretrain import main
 
-TINY = ["--model_preset", "tiny-resnet", "--max_train_samples", "256", "--max_eval_samples", "64",
-        "--per_device_train_batch_size", "32", "--bunch_size", "64", "--local_crop_size", "8",
-        "--num_train_epochs", "1", "--report_to", "none"]
+TINY = [
+    "--model_preset",
+    "tiny-resnet",
+    "--max_train_samples",
+    "256",
+    "--max_eval_samples",
+    "64",
+    "--per_device_train_batch_size",
+    "32",
+    "--bunch_size",
+    "64",
+    "--local_crop_size",
+    "8",
+    "--num_train_epochs",
+    "1",
+    "--report_to",
+    "none",
+]
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def test_there_are_five_recipes():
     assert {path.name for path in RECIPES} == {
-        "fmnist.yaml", "imagenet-resnet50-multicrop.yaml", "imagenet-resnet50-twoview.yaml",
-        "imagenet-vit-s16.yaml", "imagenet-vit-b16.yaml"}
+        "fmnist.yaml",
+        "imagenet-resnet50-multicrop.yaml",
+        "imagenet-resnet50-twoview.yaml",
+        "imagenet-vit-s16.yaml",
+        "imagenet-vit-b16.yaml",
+    }
 
 
 BACKBONE_MILLIONS = {"fmnist-resnet": None, "resnet50": 23.5, "vit-s16": 21.7, "vit-b16": 85.8}
@@ -49,7 +68,8 @@ def test_every_recipe_parses_and_builds_model_data_and_schedule(recipe):
     assert len(views) == 2 + args.data.num_local_crops
     size = args.data.global_crop_size or config.image_size
     assert [tuple(view.shape[-2:]) for view in views] == (
-        [(size, size)] * 2 + [(args.data.local_crop_size,) * 2] * args.data.num_local_crops)
+        [(size, size)] * 2 + [(args.data.local_crop_size,) * 2] * args.data.num_local_crops
+    )
 
     small = BACKBONE_MILLIONS[args.model.model_preset] is None
     with torch.device("cpu" if small else "meta"), torch.no_grad():
@@ -71,8 +91,7 @@ def test_every_recipe_parses_and_builds_model_data_and_schedule(recipe):
 
 def recipe_views(args, config) -> list[torch.Tensor]:
     """The recipe's augmentation applied to random images: (batch, 3, size, size) per view."""
-    transform = crop_transforms(args, config, self_labeling=False,
-                                batched=args.data.augmentation_backend == "batched")
+    transform = crop_transforms(args, config, self_labeling=False, batched=args.data.augmentation_backend == "batched")
     if args.data.augmentation_backend == "batched":
         images = torch.randint(0, 256, (4, config.image_size, config.image_size), dtype=torch.uint8)
         return transform(images, generator=torch.Generator().manual_seed(0))
@@ -82,10 +101,12 @@ def recipe_views(args, config) -> list[torch.Tensor]:
 
 
 def test_imagenet_recipes_keep_the_papers_global_batches_and_models():
-    expected = {"imagenet-resnet50-multicrop": ("resnet50", 2048, 4096, 12, 850, 50),
-                "imagenet-resnet50-twoview": ("resnet50", 2048, 32768, 0, 800, 0),
-                "imagenet-vit-s16": ("vit-s16", 1024, None, 6, 300, 0),
-                "imagenet-vit-b16": ("vit-b16", 1024, None, 10, 300, 0)}
+    expected = {
+        "imagenet-resnet50-multicrop": ("resnet50", 2048, 4096, 12, 850, 50),
+        "imagenet-resnet50-twoview": ("resnet50", 2048, 32768, 0, 800, 0),
+        "imagenet-vit-s16": ("vit-s16", 1024, None, 6, 300, 0),
+        "imagenet-vit-b16": ("vit-b16", 1024, None, 10, 300, 0),
+    }
     for name, (preset, batch, classes, local_crops, epochs, self_label) in expected.items():
         args = parse_pretrain_args(["--config", str(ROOT / "recipes" / "configs" / f"{name}.yaml")])
         assert args.model.model_preset == preset
@@ -97,12 +118,23 @@ def test_imagenet_recipes_keep_the_papers_global_batches_and_models():
 
 
 def test_command_line_overrides_the_recipe():
-    args = parse_pretrain_args(["--config", str(ROOT / "recipes" / "configs" / "fmnist.yaml"),
-                                "--learning_rate", "0.25", "--num_workers", "3", "--global_crop_scale", "0.5", "1"])
+    args = parse_pretrain_args(
+        [
+            "--config",
+            str(ROOT / "recipes" / "configs" / "fmnist.yaml"),
+            "--learning_rate",
+            "0.25",
+            "--num_workers",
+            "3",
+            "--global_crop_scale",
+            "0.5",
+            "1",
+        ]
+    )
     assert args.training.learning_rate == 0.25
     assert args.launch.num_workers == 3
     assert args.data.global_crop_scale == [0.5, 1.0]
-    assert args.data.num_local_crops == 4
+    assert args.data.num_local_crops == read_recipe(ROOT / "recipes" / "configs" / "fmnist.yaml")["num_local_crops"]
 
 
 def test_help_lists_every_option(capsys):
@@ -113,7 +145,8 @@ def test_help_lists_every_option(capsys):
     names = [field.name for cls in ARGUMENT_CLASSES for field in fields(cls)]
     missing = [name for name in names if f"--{name}" not in text]
     assert not missing
-    assert "--learning_rate LEARNING_RATE" in text and "(default: 0.5)" in text
+    recipe_lr = read_recipe(ROOT / "recipes" / "configs" / "fmnist.yaml")["learning_rate"]
+    assert "--learning_rate LEARNING_RATE" in text and f"(default: {recipe_lr})" in text
 
 
 def write_recipe(tmp_path: Path, text: str) -> Path:
@@ -135,17 +168,20 @@ def test_unknown_command_line_option_is_an_error():
         parse_pretrain_args(["--no_such_option", "3"])
 
 
-@pytest.mark.parametrize("text, message", [
-    ("optim: adam\n", "optim must be one of 'lars', 'adamw', 'sgd', got 'adam'"),
-    ("save_strategy: hourly\n", "save_strategy must be one of"),
-    ("augmentation_backend: gpu\n", "augmentation_backend must be one of"),
-    ("global_crop_scale: [0.8, 0.2]\n", "global_crop_scale must be two numbers 0 < min <= max <= 1"),
-    ("model_preset: resnet9000\n", "Unknown model_preset 'resnet9000'"),
-    ("launcher: slurm\n", "launcher must be one of 'ray', 'local'"),
-    ("num_workers: 0\n", "num_workers must be at least 1"),
-    ("bf16: true\nfp16: true\n", "Choose one of bf16 and fp16"),
-    ("resources_per_worker: '{CPU: 2'\n", "resources_per_worker must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("optim: adam\n", "optim must be one of 'lars', 'adamw', 'sgd', got 'adam'"),
+        ("save_strategy: hourly\n", "save_strategy must be one of"),
+        ("augmentation_backend: gpu\n", "augmentation_backend must be one of"),
+        ("global_crop_scale: [0.8, 0.2]\n", "global_crop_scale must be two numbers 0 < min <= max <= 1"),
+        ("model_preset: resnet9000\n", "Unknown model_preset 'resnet9000'"),
+        ("launcher: slurm\n", "launcher must be one of 'ray', 'local'"),
+        ("num_workers: 0\n", "num_workers must be at least 1"),
+        ("bf16: true\nfp16: true\n", "Choose one of bf16 and fp16"),
+        ("resources_per_worker: '{CPU: 2'\n", "resources_per_worker must be a JSON object"),
+    ],
+)
 def test_bad_recipe_value_is_a_clear_error(tmp_path, text, message):
     recipe = write_recipe(tmp_path, text)
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -202,16 +238,18 @@ def test_unknown_dataset_fails_in_the_driver(tmp_path, capsys, offline_hub):
 
 
 def test_missing_data_dir_fails_in_the_driver(tmp_path, capsys):
-    error = fails_in_driver(["--dataset_name", "imagefolder", "--data_dir", str(tmp_path / "nowhere")],
-                            tmp_path / "out", capsys)
+    error = fails_in_driver(
+        ["--dataset_name", "imagefolder", "--data_dir", str(tmp_path / "nowhere")], tmp_path / "out", capsys
+    )
     assert f"data_dir='{tmp_path / 'nowhere'}' does not exist" in error
 
 
 @pytest.mark.parametrize("option", ["--image_column", "--label_column"])
 def test_unknown_column_fails_in_the_driver(tmp_path, capsys, option):
     folder = image_folder(tmp_path / "images")
-    error = fails_in_driver(["--dataset_name", "imagefolder", "--data_dir", str(folder), option, "picture"],
-                            tmp_path / "out", capsys)
+    error = fails_in_driver(
+        ["--dataset_name", "imagefolder", "--data_dir", str(folder), option, "picture"], tmp_path / "out", capsys
+    )
     assert "'picture' not in the dataset" in error and "['image', 'label']" in error
 
 
@@ -220,8 +258,9 @@ def test_eval_split_without_labels_fails_in_the_driver(tmp_path, capsys):
     folder.mkdir()
     for index in range(4):
         Image.fromarray(np.full((8, 8, 3), index * 40, np.uint8)).save(folder / f"{index}.png")
-    error = fails_in_driver(["--dataset_name", "imagefolder", "--data_dir", str(folder), "--eval_split", "train"],
-                            tmp_path / "out", capsys)
+    error = fails_in_driver(
+        ["--dataset_name", "imagefolder", "--data_dir", str(folder), "--eval_split", "train"], tmp_path / "out", capsys
+    )
     assert "no label column for the kNN monitor" in error
 
 
@@ -252,14 +291,16 @@ def test_used_output_dir_without_resume_or_overwrite_fails_in_the_driver(tmp_pat
 
 def test_validation_accepts_a_good_config(tmp_path):
     folder = image_folder(tmp_path / "images")
-    args = parse_pretrain_args([*TINY, "--dataset_name", "imagefolder", "--data_dir", str(folder),
-                                "--output_dir", str(tmp_path / "out")])
+    args = parse_pretrain_args(
+        [*TINY, "--dataset_name", "imagefolder", "--data_dir", str(folder), "--output_dir", str(tmp_path / "out")]
+    )
     validate_before_launch(args)
     if torch.cuda.is_available():
         return
     with pytest.raises(LaunchError, match="has no CUDA device"):
-        validate_before_launch(parse_pretrain_args([*TINY, "--launcher", "local", "--use_gpu",
-                                                    "--output_dir", str(tmp_path / "out")]))
+        validate_before_launch(
+            parse_pretrain_args([*TINY, "--launcher", "local", "--use_gpu", "--output_dir", str(tmp_path / "out")])
+        )
 
 
 def test_output_dir_is_made_absolute_for_workers_with_their_own_working_directory(tmp_path, monkeypatch):

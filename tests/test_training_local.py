@@ -25,10 +25,34 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 from pretrain import main
 
-TINY = ["--launcher", "local", "--model_preset", "tiny-resnet", "--max_train_samples", "512",
-        "--max_eval_samples", "200", "--per_device_train_batch_size", "32", "--bunch_size", "32",
-        "--local_crop_size", "8", "--num_local_crops", "2", "--logging_steps", "4", "--report_to", "none",
-        "--save_strategy", "steps", "--save_steps", "4", "--save_total_limit", "10"]
+TINY = [
+    "--launcher",
+    "local",
+    "--model_preset",
+    "tiny-resnet",
+    "--max_train_samples",
+    "512",
+    "--max_eval_samples",
+    "200",
+    "--per_device_train_batch_size",
+    "32",
+    "--bunch_size",
+    "32",
+    "--local_crop_size",
+    "8",
+    "--num_local_crops",
+    "2",
+    "--logging_steps",
+    "4",
+    "--report_to",
+    "none",
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "4",
+    "--save_total_limit",
+    "10",
+]
 
 
 def pretrain(output_dir: Path, *extra: str) -> dict:
@@ -65,7 +89,11 @@ def test_single_process_run_leaves_a_complete_output_folder(straight_run, capsys
     assert "knn20_top1" in card or "knn_top1" in card
     assert logged_steps(straight_run) == [4, 8, 12, 16, 16]
     assert sorted(path.name for path in (straight_run / "checkpoints").iterdir()) == [
-        "checkpoint-12", "checkpoint-16", "checkpoint-4", "checkpoint-8"]
+        "checkpoint-12",
+        "checkpoint-16",
+        "checkpoint-4",
+        "checkpoint-8",
+    ]
     arguments = json.loads((straight_run / "training_args.json").read_text())
     assert arguments["training"]["max_steps"] == 16 and arguments["launch"]["launcher"] == "local"
 
@@ -86,14 +114,16 @@ def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_run(straight_ru
 
 def test_resume_latest_restores_every_state_and_continues_the_step_counter(tmp_path):
     """A run stops after 8 steps; `--resume_from_checkpoint latest` with more steps starts from exactly the
-    checkpoint's weights, batch-norm statistics and LARS momentum buffers, and continues from step 8."""
+    checkpoint's weights, batch-norm statistics and optimiser momentum buffers, and continues from step 8."""
     output = tmp_path / "run"
     pretrain(output, "--max_steps", "8")
     checkpoint = load_training_state(output / "checkpoints" / "checkpoint-8")
     assert checkpoint["global_step"] == 8
 
-    args = parse_pretrain_args([*TINY, "--output_dir", str(output), "--max_steps", "16",
-                                "--resume_from_checkpoint", "latest"])
+    recipe = ["--config", str(ROOT / "recipes" / "configs" / "fmnist.yaml")]  # what main() runs by default
+    args = parse_pretrain_args(
+        [*recipe, *TINY, "--output_dir", str(output), "--max_steps", "16", "--resume_from_checkpoint", "latest"]
+    )
     run = PretrainingRun(args, LocalReporter(str(output), args.training.save_total_limit))
     assert run.start_step == 8
     for name, value in run.student.state_dict().items():
@@ -113,8 +143,20 @@ def test_resume_latest_restores_every_state_and_continues_the_step_counter(tmp_p
 
 
 def test_resume_from_a_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path, capsys):
-    assert main([*TINY, "--output_dir", str(tmp_path / "run"), "--max_steps", "4",
-                 "--resume_from_checkpoint", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                *TINY,
+                "--output_dir",
+                str(tmp_path / "run"),
+                "--max_steps",
+                "4",
+                "--resume_from_checkpoint",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "is not a twist-hf checkpoint" in capsys.readouterr().err
 
 
@@ -138,8 +180,20 @@ def test_two_processes_without_ray_train_one_model(tmp_path):
     script = tmp_path / "train_and_save_rank_weights.py"
     script.write_text(RANK_WEIGHTS_SCRIPT)
     output = tmp_path / "run"
-    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", str(script), str(tmp_path),
-               *TINY, "--output_dir", str(output), "--max_steps", "8", "--bunch_size", "64"]
+    command = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path),
+        *TINY,
+        "--output_dir",
+        str(output),
+        "--max_steps",
+        "8",
+        "--bunch_size",
+        "64",
+    ]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert finished.returncode == 0, finished.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
@@ -181,9 +235,14 @@ def messy_image_folder(root: Path, good_per_class: int = 43) -> dict[str, int]:
             for index in range(good_per_class):
                 colour().save(folder / f"good-{index}.png")
     train = root / "train" / "boot"
-    converted = {"gray.png": colour().convert("L"), "rgba.png": colour().convert("RGBA"),
-                 "cmyk.jpg": colour().convert("CMYK"), "palette.png": colour().convert("P"),
-                 "gray16.png": colour().convert("L").convert("I;16"), "gray-alpha.png": colour().convert("LA")}
+    converted = {
+        "gray.png": colour().convert("L"),
+        "rgba.png": colour().convert("RGBA"),
+        "cmyk.jpg": colour().convert("CMYK"),
+        "palette.png": colour().convert("P"),
+        "gray16.png": colour().convert("L").convert("I;16"),
+        "gray-alpha.png": colour().convert("LA"),
+    }
     for name, image in converted.items():
         image.save(train / name)
     png = encoded(colour(), "PNG")
@@ -198,9 +257,25 @@ def messy_image_folder(root: Path, good_per_class: int = 43) -> dict[str, int]:
 def test_bad_images_are_converted_or_skipped_counted_and_reported(tmp_path, backend, capsys, caplog):
     counts = messy_image_folder(tmp_path / "images")
     output = tmp_path / "run"
-    results = pretrain(output, "--dataset_name", "imagefolder", "--data_dir", str(tmp_path / "images"),
-                       "--augmentation_backend", backend, "--max_train_samples", "1000", "--num_train_epochs", "1",
-                       "--per_device_train_batch_size", "16", "--bunch_size", "16", "--save_strategy", "no")
+    results = pretrain(
+        output,
+        "--dataset_name",
+        "imagefolder",
+        "--data_dir",
+        str(tmp_path / "images"),
+        "--augmentation_backend",
+        backend,
+        "--max_train_samples",
+        "1000",
+        "--num_train_epochs",
+        "1",
+        "--per_device_train_batch_size",
+        "16",
+        "--bunch_size",
+        "16",
+        "--save_strategy",
+        "no",
+    )
     assert results["status"] == "completed"
     assert results["skipped_images"] == counts["skipped"]
     assert "knn_top1" in results
@@ -219,8 +294,23 @@ def test_bad_images_are_converted_or_skipped_counted_and_reported(tmp_path, back
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     """Steps 1-8 train normally; the self-labeling phase from step 8 on has an absurd lr (1e30, fp32)."""
     output = tmp_path / "run"
-    code = main([*TINY, "--output_dir", str(output), "--max_steps", "16", "--self_label_epochs", "0.5",
-                 "--self_label_learning_rate", "1e30", "--self_label_warmup_epochs", "0", "--save_steps", "8"])
+    code = main(
+        [
+            *TINY,
+            "--output_dir",
+            str(output),
+            "--max_steps",
+            "16",
+            "--self_label_epochs",
+            "0.5",
+            "--self_label_learning_rate",
+            "1e30",
+            "--self_label_warmup_epochs",
+            "0",
+            "--save_steps",
+            "8",
+        ]
+    )
     assert code == 2
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(error) == 1
@@ -240,8 +330,19 @@ def test_pretrain_script_exits_non_zero_on_a_diverging_resume(tmp_path, straight
     the checkpoint it resumed from as the last good one, and that checkpoint untouched."""
     checkpoint = straight_run / "checkpoints" / "checkpoint-8"
     before = (checkpoint / "training_state.pt").read_bytes()
-    code = main([*TINY, "--output_dir", str(tmp_path / "run"), "--max_steps", "16", "--learning_rate", "1e30",
-                 "--resume_from_checkpoint", str(checkpoint)])
+    code = main(
+        [
+            *TINY,
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--max_steps",
+            "16",
+            "--learning_rate",
+            "1e30",
+            "--resume_from_checkpoint",
+            str(checkpoint),
+        ]
+    )
     assert code == 2
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(error) == 1 and "error: The loss became" in error[0]

@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
@@ -78,13 +79,19 @@ class TrainingDivergedError(RuntimeError):
 
 
 def build_accelerator(args: PretrainArguments) -> Accelerator:
+    """A fresh Accelerator for this run. Accelerate keeps one process-wide state and refuses a second run with
+    another precision in the same process (notebooks, sweeps, tests); the run-level part of that state is reset
+    here, the process group part is kept."""
     training = args.training
     precision = "bf16" if training.bf16 else "fp16" if training.fp16 else "no"
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
-        cpu=not args.launch.use_gpu, mixed_precision=precision,
+        cpu=not args.launch.use_gpu,
+        mixed_precision=precision,
         log_with=list(training.report_to) or None,
-        project_config=ProjectConfiguration(project_dir=training.output_dir,
-                                            logging_dir=str(Path(training.output_dir) / "runs")),
+        project_config=ProjectConfiguration(
+            project_dir=training.output_dir, logging_dir=str(Path(training.output_dir) / "runs")
+        ),
     )
 
 
@@ -100,10 +107,19 @@ def build_model(args: PretrainArguments) -> TwistForPreTraining:
 def crop_transforms(args: PretrainArguments, config, self_labeling: bool, batched: bool):
     """The multi-crop transform of the phase: the spec's crops, harder in the self-labeling phase."""
     data = args.data
-    scales = (self_labeling_crop_scales() if self_labeling else
-              {"global_scale": tuple(data.global_crop_scale), "local_scale": tuple(data.local_crop_scale)})
-    common = {"global_size": data.global_crop_size or config.image_size, "local_size": data.local_crop_size,
-              "num_local_crops": data.num_local_crops, "mean": config.image_mean, "std": config.image_std, **scales}
+    scales = (
+        self_labeling_crop_scales()
+        if self_labeling
+        else {"global_scale": tuple(data.global_crop_scale), "local_scale": tuple(data.local_crop_scale)}
+    )
+    common = {
+        "global_size": data.global_crop_size or config.image_size,
+        "local_size": data.local_crop_size,
+        "num_local_crops": data.num_local_crops,
+        "mean": config.image_mean,
+        "std": config.image_std,
+        **scales,
+    }
     if batched:
         return BatchedMultiCrop(**common, seed=args.training.seed)
     return MultiCropTransform(**common)
@@ -114,12 +130,22 @@ def build_train_views(args: PretrainArguments, config, rank: int, world_size: in
     transform = crop_transforms(args, config, self_labeling=False, batched=data.augmentation_backend == "batched")
     if data.augmentation_backend == "batched":
         skipped = SkippedImageCounter()
-        split = load_split(data, data.train_split, config.image_size, counter=skipped,
-                           max_samples=data.max_train_samples)
-        return BatchedViews(split, transform, training.per_device_train_batch_size, rank, world_size, training.seed,
-                            skipped)
-    return PerImageViews(data, transform, training.per_device_train_batch_size, rank, world_size, training.seed,
-                         total_steps_hint, pin_memory=args.launch.use_gpu)
+        split = load_split(
+            data, data.train_split, config.image_size, counter=skipped, max_samples=data.max_train_samples
+        )
+        return BatchedViews(
+            split, transform, training.per_device_train_batch_size, rank, world_size, training.seed, skipped
+        )
+    return PerImageViews(
+        data,
+        transform,
+        training.per_device_train_batch_size,
+        rank,
+        world_size,
+        training.seed,
+        total_steps_hint,
+        pin_memory=args.launch.use_gpu,
+    )
 
 
 def build_schedule(args: PretrainArguments, steps_per_epoch: int, global_batch: int) -> TrainingSchedule:
@@ -134,19 +160,25 @@ def build_schedule(args: PretrainArguments, steps_per_epoch: int, global_batch: 
         warmup = int(training.warmup_ratio * total)
     else:
         phase1_epochs = (total - self_label_steps) / steps_per_epoch
-        warmup_epochs = training.warmup_epochs if training.warmup_epochs is not None else default_warmup_epochs(
-            phase1_epochs)
+        warmup_epochs = (
+            training.warmup_epochs if training.warmup_epochs is not None else default_warmup_epochs(phase1_epochs)
+        )
         warmup = int(round(warmup_epochs * steps_per_epoch))
     phase1 = total - self_label_steps
     return TrainingSchedule(
-        total_steps=total, self_label_steps=self_label_steps, warmup_steps=min(warmup, max(phase1 - 1, 0)),
-        self_label_warmup_steps=min(int(round(training.self_label_warmup_epochs * steps_per_epoch)),
-                                    max(self_label_steps - 1, 0)),
+        total_steps=total,
+        self_label_steps=self_label_steps,
+        warmup_steps=min(warmup, max(phase1 - 1, 0)),
+        self_label_warmup_steps=min(
+            int(round(training.self_label_warmup_epochs * steps_per_epoch)), max(self_label_steps - 1, 0)
+        ),
         learning_rate=training.learning_rate * scale,
         self_label_learning_rate=training.self_label_learning_rate * scale,
-        min_lr_ratio=training.min_lr_ratio, weight_decay=training.weight_decay,
+        min_lr_ratio=training.min_lr_ratio,
+        weight_decay=training.weight_decay,
         weight_decay_end=training.weight_decay_end if training.weight_decay_end is not None else training.weight_decay,
-        teacher_momentum=training.teacher_momentum, self_label_quantile=tuple(training.self_label_quantile),
+        teacher_momentum=training.teacher_momentum,
+        self_label_quantile=tuple(training.self_label_quantile),
     )
 
 
@@ -163,8 +195,10 @@ class KnnMonitor:
         self.bank = load_split(data, data.train_split, self.size, max_samples=data.max_train_samples)
         self.queries = load_split(data, data.eval_split, self.size, max_samples=data.max_eval_samples)
         if (self.bank.labels < 0).any() or (self.queries.labels < 0).any():
-            raise ValueError("The kNN monitor needs labels in the train and eval splits; pass --label_column, or "
-                             "--eval_split '' to train without it.")
+            raise ValueError(
+                "The kNN monitor needs labels in the train and eval splits; pass --label_column, or "
+                "--eval_split '' to train without it."
+            )
 
     @torch.no_grad()
     def evaluate(self, twist_model, accelerator: Accelerator, batch_size: int = 512) -> dict[str, float]:
@@ -174,9 +208,15 @@ class KnnMonitor:
         queries = self._features(twist_model, self.queries, accelerator, batch_size)
         twist_model.train(was_training)
         num_classes = int(max(self.bank.labels.max(), self.queries.labels.max())) + 1
-        metrics = knn_evaluate(bank, torch.tensor(self.bank.labels), queries,
-                               torch.tensor(self.queries.labels), num_classes, ks=(self.k,),
-                               temperature=self.temperature)
+        metrics = knn_evaluate(
+            bank,
+            torch.tensor(self.bank.labels),
+            queries,
+            torch.tensor(self.queries.labels),
+            num_classes,
+            ks=(self.k,),
+            temperature=self.temperature,
+        )
         return {"knn_top1": metrics["knn_top1"], "knn_top5": metrics["knn_top5"]}
 
     def _features(self, model, split: LabelledImages, accelerator: Accelerator, batch_size: int) -> torch.Tensor:
@@ -185,7 +225,7 @@ class KnnMonitor:
         chunks = []
         with accelerator.autocast():
             for start in range(0, len(mine), batch_size):
-                index = mine[start:start + batch_size]
+                index = mine[start : start + batch_size]
                 pixels = batched_eval_transform(torch.from_numpy(split.images[index]), self.size, self.mean, self.std)
                 chunks.append(model(pixel_values=pixels.to(accelerator.device)).pooler_output.float())
         local = torch.cat(chunks) if chunks else torch.zeros(0, model.feature_size, device=accelerator.device)
@@ -205,13 +245,15 @@ def gather_in_order(local: torch.Tensor, sizes: list[int], accelerator: Accelera
 class RunLog:
     """Rank 0's view of the run: progress bar, `log.jsonl`, Accelerate trackers and collapse warnings."""
 
-    def __init__(self, accelerator: Accelerator, output_dir: Path, total_steps: int, start_step: int,
-                 tracker_config: dict):
+    def __init__(
+        self, accelerator: Accelerator, output_dir: Path, total_steps: int, start_step: int, tracker_config: dict
+    ):
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.path = output_dir / LOG_FILE
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="pretraining", disable=not self.main,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, desc="pretraining", disable=not self.main, dynamic_ncols=True
+        )
         self.last_time, self.last_step = time.perf_counter(), start_step
         self.collapse_warnings = 0
         if accelerator.trackers is not None and accelerator.log_with:
@@ -226,8 +268,11 @@ class RunLog:
         with self.path.open("a") as handle:
             handle.write(json.dumps({"step": step, **metrics}) + "\n")
         self.accelerator.log(metrics, step=step)
-        shown = {key: metrics[key] for key in ("loss", "kl_loss", "eh_loss", "he_loss", "img_per_s", "knn_top1")
-                 if key in metrics}
+        shown = {
+            key: metrics[key]
+            for key in ("loss", "kl_loss", "eh_loss", "he_loss", "img_per_s", "knn_top1")
+            if key in metrics
+        }
         self.bar.set_postfix({key: f"{value:.3g}" for key, value in shown.items()}, refresh=False)
 
     def throughput(self, step: int, images_per_step: int) -> float:
@@ -246,7 +291,13 @@ class RunLog:
             logger.warning(
                 "Collapse warning at step %d: the batch uses %d of %d classes and the entropy of the batch-mean "
                 "distribution is %.2f of a possible %.2f. The representation may be collapsing: lower "
-                "learning_rate, raise lam2, or check that the last norm is on.", step, used, num_classes, he, ceiling)
+                "learning_rate, raise lam2, or check that the last norm is on.",
+                step,
+                used,
+                num_classes,
+                he,
+                ceiling,
+            )
 
     def close(self) -> None:
         self.bar.close()
@@ -319,13 +370,20 @@ class PretrainingRun:
         model = build_model(args)
         self.config = model.config
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        self.views = build_train_views(args, self.config, rank, world, self.training.max_steps
-                                       if self.training.max_steps > 0 else None)
+        self.views = build_train_views(
+            args, self.config, rank, world, self.training.max_steps if self.training.max_steps > 0 else None
+        )
         self.global_batch = self.training.per_device_train_batch_size * world
         self.schedule = build_schedule(args, self.views.steps_per_epoch, self.global_batch)
-        optimizer = build_optimizer(model, self.training.optim, self.schedule.lr(0), self.training.weight_decay,
-                                    self.training.momentum, self.training.lars_eta,
-                                    (self.training.adam_beta1, self.training.adam_beta2))
+        optimizer = build_optimizer(
+            model,
+            self.training.optim,
+            self.schedule.lr(0),
+            self.training.weight_decay,
+            self.training.momentum,
+            self.training.lars_eta,
+            (self.training.adam_beta1, self.training.adam_beta2),
+        )
         self.teacher = self._build_teacher(model)
         self.start_step = self._restore(model, optimizer)
         if self.training.channels_last:
@@ -354,7 +412,9 @@ class PretrainingRun:
         if source is None:
             return 0
         state = load_training_state(source)
-        restore_training_state(state, model=model, optimizer=optimizer, teacher=self.teacher, scaler=self.accelerator.scaler)
+        restore_training_state(
+            state, model=model, optimizer=optimizer, teacher=self.teacher, scaler=self.accelerator.scaler
+        )
         if self.accelerator.is_main_process:
             logger.info("Resumed from %s at step %d.", source, state["global_step"])
         return int(state["global_step"])
@@ -362,9 +422,14 @@ class PretrainingRun:
     def _build_pusher(self) -> HubPusher | None:
         if not (self.training.push_to_hub and self.accelerator.is_main_process):
             return None
-        return HubPusher(self.training.hub_model_id, hub_strategy=self.training.hub_strategy,
-                         hub_private_repo=self.training.hub_private_repo, hub_token=self.training.hub_token,
-                         hub_revision=self.training.hub_revision, push_timeout=self.training.hub_push_timeout)
+        return HubPusher(
+            self.training.hub_model_id,
+            hub_strategy=self.training.hub_strategy,
+            hub_private_repo=self.training.hub_private_repo,
+            hub_token=self.training.hub_token,
+            hub_revision=self.training.hub_revision,
+            push_timeout=self.training.hub_push_timeout,
+        )
 
     @property
     def student(self) -> TwistForPreTraining:
@@ -383,8 +448,12 @@ class PretrainingRun:
             self.reporter.report(metrics, None)
             return metrics
         train_seconds = time.perf_counter() - started
-        results = {"status": "completed", "global_step": total, "train_runtime": train_seconds,
-                   "train_images_per_second": (total - self.start_step) * self.global_batch / max(train_seconds, 1e-9)}
+        results = {
+            "status": "completed",
+            "global_step": total,
+            "train_runtime": train_seconds,
+            "train_images_per_second": (total - self.start_step) * self.global_batch / max(train_seconds, 1e-9),
+        }
         results["skipped_images"] = self._skipped_images()
         if self.monitor is not None:
             results.update(self.monitor.evaluate(self.student.twist, self.accelerator))
@@ -418,15 +487,17 @@ class PretrainingRun:
                 if self.training.save_strategy == "steps" and step % self.training.save_steps == 0 and step < total:
                     self._checkpoint(step, {})
                 if step >= total or self.schedule.in_self_label_phase(step) != self.schedule.in_self_label_phase(
-                        step - 1):
+                    step - 1
+                ):
                     break
             if step % per_epoch == 0 and step < total:
                 self._end_of_epoch(step)
 
     def _set_phase(self, step: int) -> None:
         if self.schedule.in_self_label_phase(step):
-            self.views.transform = crop_transforms(self.args, self.config, self_labeling=True,
-                                                   batched=isinstance(self.views, BatchedViews))
+            self.views.transform = crop_transforms(
+                self.args, self.config, self_labeling=True, batched=isinstance(self.views, BatchedViews)
+            )
 
     def _end_of_epoch(self, step: int) -> None:
         metrics = {"epoch": step // self.views.steps_per_epoch}
@@ -447,8 +518,9 @@ class PretrainingRun:
             with torch.no_grad(), self.accelerator.autocast():
                 teacher_logits = self.teacher(views[:2], return_loss=False).logits
         with self.accelerator.autocast():
-            output = self.model(views, teacher_logits=teacher_logits,
-                                self_label_quantile=self.schedule.self_label_quantile_at(step))
+            output = self.model(
+                views, teacher_logits=teacher_logits, self_label_quantile=self.schedule.self_label_quantile_at(step)
+            )
         loss = output.loss
         if not torch.isfinite(loss):
             raise TrainingDivergedError(self._divergence_message(step, loss.item()))
@@ -463,9 +535,13 @@ class PretrainingRun:
             self._log_step(step + 1, loss, output, len(views))
 
     def _log_step(self, step: int, loss: torch.Tensor, output, num_views: int) -> None:
-        metrics = {"loss": loss.item(), "lr": self.schedule.lr(step - 1), **step_statistics(output, num_views),
-                   "img_per_s": self.log.throughput(step, self.global_batch),
-                   "epoch": step / self.views.steps_per_epoch}
+        metrics = {
+            "loss": loss.item(),
+            "lr": self.schedule.lr(step - 1),
+            **step_statistics(output, num_views),
+            "img_per_s": self.log.throughput(step, self.global_batch),
+            "epoch": step / self.views.steps_per_epoch,
+        }
         if self.resumed_from_step is not None:
             metrics["resumed_from_step"], self.resumed_from_step = self.resumed_from_step, None
         self.log.log(step, metrics)
@@ -473,19 +549,32 @@ class PretrainingRun:
             self.log.warn_if_collapsing(step, metrics, self.config.num_classes, output.logits.shape[1])
 
     def _divergence_message(self, step: int, value: float) -> str:
-        kept = (f"The last good checkpoint (step {self.last_checkpoint_step}) is kept."
-                if self.last_checkpoint_step is not None else "No checkpoint had been saved yet.")
-        return (f"The loss became {value} at step {step}; training stopped. {kept} Lower learning_rate, set "
-                "max_grad_norm, or use fp32 instead of fp16, then resume with --resume_from_checkpoint.")
+        kept = (
+            f"The last good checkpoint (step {self.last_checkpoint_step}) is kept."
+            if self.last_checkpoint_step is not None
+            else "No checkpoint had been saved yet."
+        )
+        return (
+            f"The loss became {value} at step {step}; training stopped. {kept} Lower learning_rate, set "
+            "max_grad_norm, or use fp32 instead of fp16, then resume with --resume_from_checkpoint."
+        )
 
     def _checkpoint(self, step: int, metrics: dict) -> None:
         """Every rank reports; rank 0 writes the state into a fresh folder that the reporter keeps."""
         folder = None
         if self.accelerator.is_main_process:
             folder = Path(tempfile.mkdtemp(prefix=f"twist-checkpoint-{step}-"))
-            save_checkpoint(folder, model=self.student, optimizer=self.optimizer, teacher=self.teacher, scaler=self.accelerator.scaler,
-                            global_step=step, epoch=step // self.views.steps_per_epoch,
-                            step_in_epoch=step % self.views.steps_per_epoch, metrics=metrics)
+            save_checkpoint(
+                folder,
+                model=self.student,
+                optimizer=self.optimizer,
+                teacher=self.teacher,
+                scaler=self.accelerator.scaler,
+                global_step=step,
+                epoch=step // self.views.steps_per_epoch,
+                step_in_epoch=step % self.views.steps_per_epoch,
+                metrics=metrics,
+            )
             if self.pusher is not None:
                 self.pusher.on_save(folder / "model", folder, step=step)
         self.reporter.report({"global_step": step, **metrics}, folder)
@@ -501,28 +590,43 @@ class PretrainingRun:
         self.student.save_pretrained(self.output_dir)
         (self.output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
         (self.output_dir / ARGS_FILE).write_text(json.dumps(self.args.to_dict(), indent=2))
-        write_model_card(self.output_dir, model_id=self.training.hub_model_id or self.output_dir.name,
-                         config_summary=_config_summary(self.config), training_summary=self._training_summary(results),
-                         eval_results=_eval_rows(self.args, results))
+        write_model_card(
+            self.output_dir,
+            model_id=self.training.hub_model_id or self.output_dir.name,
+            config_summary=_config_summary(self.config),
+            training_summary=self._training_summary(results),
+            eval_results=_eval_rows(self.args, results),
+        )
         if self.pusher is not None:
             summary = self.pusher.finish(self.output_dir, timeout=self.training.hub_push_timeout)
             results["hub_push"] = str(summary)
 
     def _training_summary(self, results: dict) -> dict:
         args = self.args
-        return {"recipe": args.model.model_preset, "dataset": args.data.dataset_name,
-                "epochs": self.schedule.total_steps / self.views.steps_per_epoch,
-                "steps": self.schedule.total_steps, "global batch size": self.global_batch,
-                "workers": self.accelerator.num_processes,
-                "hardware": "GPU" if args.launch.use_gpu else "CPU",
-                "wall time (s)": round(results["train_runtime"], 1),
-                "local crops": args.data.num_local_crops, "optimizer": self.training.optim}
+        return {
+            "recipe": args.model.model_preset,
+            "dataset": args.data.dataset_name,
+            "epochs": self.schedule.total_steps / self.views.steps_per_epoch,
+            "steps": self.schedule.total_steps,
+            "global batch size": self.global_batch,
+            "workers": self.accelerator.num_processes,
+            "hardware": "GPU" if args.launch.use_gpu else "CPU",
+            "wall time (s)": round(results["train_runtime"], 1),
+            "local crops": args.data.num_local_crops,
+            "optimizer": self.training.optim,
+        }
 
 
 def _config_summary(config) -> dict:
-    return {"backbone": config.backbone_config.model_type, "num_classes (K)": config.num_classes,
-            "head_hidden_size": config.head_hidden_size, "tau": config.tau, "lam1": config.lam1,
-            "lam2": config.lam2, "image_size": config.image_size}
+    return {
+        "backbone": config.backbone_config.model_type,
+        "num_classes (K)": config.num_classes,
+        "head_hidden_size": config.head_hidden_size,
+        "tau": config.tau,
+        "lam1": config.lam1,
+        "lam2": config.lam2,
+        "image_size": config.image_size,
+    }
 
 
 def _eval_rows(args: PretrainArguments, results: dict) -> list[tuple]:
