@@ -27,8 +27,16 @@ from twist_hf.transforms import (
 )
 
 # Colour photographs (and one grayscale) shipped with scikit-image; scikit-learn adds china.jpg and flower.jpg.
-SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-                  "retina.jpg", "hubble_deep_field.jpg", "camera.png")
+SKIMAGE_PHOTOS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "retina.jpg",
+    "hubble_deep_field.jpg",
+    "camera.png",
+)
 
 
 def photograph_files() -> list[Path]:
@@ -47,20 +55,21 @@ class PILGaussianBlur:
         return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
 
 
-def classic_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float,
-                 pil_blur: bool) -> T.Compose:
+def classic_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float, pil_blur: bool) -> T.Compose:
     """One view of the classic torchvision (v1, PIL) pipeline of spec section 5."""
     blur = PILGaussianBlur() if pil_blur else T.GaussianBlur(_blur_kernel_size(size), sigma=(0.1, 2.0))
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([blur], p=blur_p),
-        T.RandomSolarize(threshold=128, p=solarize_p),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([blur], p=blur_p),
+            T.RandomSolarize(threshold=128, p=solarize_p),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 class ClassicMultiCrop:
@@ -68,10 +77,13 @@ class ClassicMultiCrop:
 
     def __init__(self, num_local: int, global_size: int = 224, local_size: int = 96, pil_blur: bool = False):
         blur, solarize = BLUR_PROBABILITIES, SOLARIZE_PROBABILITIES
-        self.views = [classic_view(global_size, PRETRAINING_GLOBAL_SCALE, blur[0], solarize[0], pil_blur),
-                      classic_view(global_size, PRETRAINING_GLOBAL_SCALE, blur[1], solarize[1], pil_blur)]
-        self.views += [classic_view(local_size, PRETRAINING_LOCAL_SCALE, blur[2], solarize[2], pil_blur)
-                       for _ in range(num_local)]
+        self.views = [
+            classic_view(global_size, PRETRAINING_GLOBAL_SCALE, blur[0], solarize[0], pil_blur),
+            classic_view(global_size, PRETRAINING_GLOBAL_SCALE, blur[1], solarize[1], pil_blur),
+        ]
+        self.views += [
+            classic_view(local_size, PRETRAINING_LOCAL_SCALE, blur[2], solarize[2], pil_blur) for _ in range(num_local)
+        ]
 
     def __call__(self, data: bytes) -> list[torch.Tensor]:
         image = Image.open(io.BytesIO(data)).convert("RGB")
@@ -107,8 +119,14 @@ def pipelines(num_local: int, global_size: int, local_size: int) -> dict:
     }
 
 
-def run(warmup: int, reps: int, num_local: int = 6, global_size: int = 224, local_size: int = 96,
-        max_images: int | None = None) -> dict:
+def run(
+    warmup: int,
+    reps: int,
+    num_local: int = 6,
+    global_size: int = 224,
+    local_size: int = 96,
+    max_images: int | None = None,
+) -> dict:
     """Images/s of each pipeline over all photographs (one rep = one pass over them, pipelines in turns), on
     one thread."""
     threads = torch.get_num_threads()
@@ -119,8 +137,10 @@ def run(warmup: int, reps: int, num_local: int = 6, global_size: int = 224, loca
         sizes = {path.name: Image.open(io.BytesIO(blob)).size for path, blob in zip(files, blobs)}
         random.seed(0)
         torch.manual_seed(0)
-        passes = {name: (lambda pipeline=pipeline: [pipeline(blob) for blob in blobs])
-                  for name, pipeline in pipelines(num_local, global_size, local_size).items()}
+        passes = {
+            name: (lambda pipeline=pipeline: [pipeline(blob) for blob in blobs])
+            for name, pipeline in pipelines(num_local, global_size, local_size).items()
+        }
         for one_pass in passes.values():
             time_repeated(one_pass, warmup=warmup, reps=1)
         seconds = {name: [] for name in passes}
@@ -135,5 +155,4 @@ def run(warmup: int, reps: int, num_local: int = 6, global_size: int = 224, loca
     for result in results.values():
         result["speedup_vs_classic"] = ratio(result["img_per_s"], baseline)
         result["speedup_vs_classic_pil_blur"] = ratio(result["img_per_s"], pil_blur_baseline)
-    return {"views": f"2x{global_size} + {num_local}x{local_size}", "threads": 1, "images": sizes,
-            "pipelines": results}
+    return {"views": f"2x{global_size} + {num_local}x{local_size}", "threads": 1, "images": sizes, "pipelines": results}

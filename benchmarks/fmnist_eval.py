@@ -214,10 +214,7 @@ def linear_metrics(
 
 def label_subsets(labels: torch.Tensor, seed: int) -> dict[str, np.ndarray]:
     """Seeded class-balanced training-row indices for each label fraction (1% and 10%)."""
-    return {
-        name: class_balanced_subset(labels.numpy(), fraction, seed)
-        for name, fraction in LABEL_FRACTIONS.items()
-    }
+    return {name: class_balanced_subset(labels.numpy(), fraction, seed) for name, fraction in LABEL_FRACTIONS.items()}
 
 
 def pixel_semi_metrics(
@@ -337,9 +334,7 @@ def evaluate_network(
         metrics |= cluster_metrics(test.logits, test.labels, data.num_classes)
     for name, indices in label_subsets(data.train_labels, settings.seed).items():
         with timer.part(column, f"semi_{name}"):
-            accuracy = finetune_metrics(
-                model_dir, data, indices, LABEL_FRACTIONS[name], settings, accelerator
-            )
+            accuracy = finetune_metrics(model_dir, data, indices, LABEL_FRACTIONS[name], settings, accelerator)
         metrics |= {f"semi_{name}_top1": accuracy["top1"], f"semi_{name}_top5": accuracy["top5"]}
     return metrics, test
 
@@ -541,21 +536,13 @@ def _check_model_dir(model_dir: str) -> None:
         )
     model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type != "twist":
-        raise SystemExit(
-            f"--model {model_dir} holds a {model_type!r} model; this benchmark needs a TWIST model."
-        )
+        raise SystemExit(f"--model {model_dir} holds a {model_type!r} model; this benchmark needs a TWIST model.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--model", required=True, help="Folder of a trained TWIST model (pretrain output_dir)."
-    )
-    parser.add_argument(
-        "--output", default="docs", help="Folder for the results and figures (default: docs)."
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="Folder of a trained TWIST model (pretrain output_dir).")
+    parser.add_argument("--output", default="docs", help="Folder for the results and figures (default: docs).")
     parser.add_argument(
         "--quick",
         action="store_true",

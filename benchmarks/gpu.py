@@ -42,10 +42,25 @@ HERE = Path(__file__).resolve().parent
 CARRIED_DATA = HERE / "data" / "fashion-mnist"
 SYSTEM_DATA = Path("/usr/share/datasets/fashion-mnist")
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a substring of torch.cuda.get_device_name().
-BF16_PEAKS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "GH200": 989e12,
-              "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12}
-RESNET18 = {"model_type": "resnet", "embedding_size": 64, "hidden_sizes": [64, 128, 256, 512],
-            "depths": [2, 2, 2, 2], "layer_type": "basic"}
+BF16_PEAKS = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "RTX 4090": 165e12,
+}
+RESNET18 = {
+    "model_type": "resnet",
+    "embedding_size": 64,
+    "hidden_sizes": [64, 128, 256, 512],
+    "depths": [2, 2, 2, 2],
+    "layer_type": "basic",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,8 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="eager (the default on CPU: compiling is slow)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak, if the GPU is not known")
-    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX .gz folder (default: benchmarks/data/"
-                        "fashion-mnist, else /usr/share/datasets/fashion-mnist)")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="Fashion-MNIST IDX .gz folder (default: benchmarks/data/"
+        "fashion-mnist, else /usr/share/datasets/fashion-mnist)",
+    )
     parser.add_argument("--fmnist-epochs", type=float, default=10.0)
     parser.add_argument("--fmnist-batch-size", type=int, default=512)
     parser.add_argument("--fmnist-max-seconds", type=float, default=210.0, help="stop training early after this")
@@ -76,8 +95,9 @@ def bf16_peak_flops(device: torch.device, override_tflops: float | None) -> floa
 
 
 def fused_sgd(model: torch.nn.Module, device: torch.device, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay,
-                           fused=device.type == "cuda")
+    return torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, fused=device.type == "cuda"
+    )
 
 
 def training_step(model, optimizer, device: torch.device):
@@ -112,8 +132,10 @@ def resnet50_throughput(args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(0)
     config = TwistConfig.from_preset("resnet50", bunch_size=batch)
     model = TwistForPreTraining(config).to(device, memory_format=torch.channels_last).train()
-    views = [torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-             for size in [global_size] * 2 + [local_size] * 6]
+    views = [
+        torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+        for size in [global_size] * 2 + [local_size] * 6
+    ]
     flops = count_step_flops(model, views, device)
     use_compile = device.type == "cuda" and not args.no_compile
     compiled = torch.compile(model) if use_compile else model
@@ -135,22 +157,30 @@ def resnet50_throughput(args: argparse.Namespace, device: torch.device) -> dict:
             seconds.append((time.perf_counter() - started) / steps_per_rep)
     peak = bf16_peak_flops(device, args.peak_tflops)
     step_s = summarise(seconds)
-    return {"workload": f"resnet50 2x{global_size} + 6x{local_size}, batch {batch}, bf16 autocast, channels_last, "
-                        f"{'torch.compile' if use_compile else 'eager'}, fused SGD-momentum",
-            "img_per_s": summarise(rates(seconds, batch)), "step_s": step_s, "warmup_s": warmup_s,
-            "flops_per_step": flops, "achieved_tflops": flops / step_s["median"] / 1e12,
-            "bf16_peak_tflops": peak / 1e12 if peak else None,
-            "mfu": flops / step_s["median"] / peak if peak else None,
-            "peak_memory_mb": memory.peak_bytes / 2**20, "memory_measure": memory.kind}
+    return {
+        "workload": f"resnet50 2x{global_size} + 6x{local_size}, batch {batch}, bf16 autocast, channels_last, "
+        f"{'torch.compile' if use_compile else 'eager'}, fused SGD-momentum",
+        "img_per_s": summarise(rates(seconds, batch)),
+        "step_s": step_s,
+        "warmup_s": warmup_s,
+        "flops_per_step": flops,
+        "achieved_tflops": flops / step_s["median"] / 1e12,
+        "bf16_peak_tflops": peak / 1e12 if peak else None,
+        "mfu": flops / step_s["median"] / peak if peak else None,
+        "peak_memory_mb": memory.peak_bytes / 2**20,
+        "memory_measure": memory.kind,
+    }
 
 
 def fashion_mnist_dir(args: argparse.Namespace) -> Path:
-    for candidate in ([Path(args.data_dir)] if args.data_dir else [CARRIED_DATA, SYSTEM_DATA]):
+    for candidate in [Path(args.data_dir)] if args.data_dir else [CARRIED_DATA, SYSTEM_DATA]:
         if (candidate / "train-images-idx3-ubyte.gz").is_file():
             return candidate
     raise FileNotFoundError(
-        f"No Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...) in {args.data_dir or [CARRIED_DATA, SYSTEM_DATA]}."
-        f" Copy them with: mkdir -p {CARRIED_DATA} && cp {SYSTEM_DATA}/*.gz {CARRIED_DATA}/ , or pass --data-dir.")
+        "No Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...) in "
+        f"{args.data_dir or [CARRIED_DATA, SYSTEM_DATA]}."
+        f" Copy them with: mkdir -p {CARRIED_DATA} && cp {SYSTEM_DATA}/*.gz {CARRIED_DATA}/ , or pass --data-dir."
+    )
 
 
 @torch.no_grad()
@@ -159,8 +189,9 @@ def backbone_features(model, images: torch.Tensor, device: torch.device, batch_s
     model.eval()
     chunks = []
     for start in range(0, len(images), batch_size):
-        pixels = batched_eval_transform(images[start:start + batch_size].to(device), config.image_size,
-                                        config.image_mean, config.image_std)
+        pixels = batched_eval_transform(
+            images[start : start + batch_size].to(device), config.image_size, config.image_mean, config.image_std
+        )
         with torch.autocast(device.type, dtype=torch.bfloat16):
             chunks.append(model.twist(pixel_values=pixels).pooler_output.float())
     model.train()
@@ -190,8 +221,16 @@ def fashion_mnist_run(args: argparse.Namespace, device: torch.device) -> dict:
     config = TwistConfig.from_preset("fmnist-resnet", backbone_config=backbone, bunch_size=batch)
     model = TwistForPreTraining(config).to(device, memory_format=torch.channels_last)
     random_init_top1 = knn_top1(model, (train_images, train_labels), (test_images, test_labels), device)
-    crops = BatchedMultiCrop(mean=config.image_mean, std=config.image_std, global_size=28, local_size=14,
-                             num_local_crops=4, global_scale=(0.35, 1.0), local_scale=(0.1, 0.35), seed=0)
+    crops = BatchedMultiCrop(
+        mean=config.image_mean,
+        std=config.image_std,
+        global_size=28,
+        local_size=14,
+        num_local_crops=4,
+        global_scale=(0.35, 1.0),
+        local_scale=(0.1, 0.35),
+        seed=0,
+    )
     optimizer = fused_sgd(model, device, 0.0, 5e-4)
     step = training_step(model, optimizer, device)
     steps_per_epoch = len(train_images) // batch
@@ -211,22 +250,39 @@ def fashion_mnist_run(args: argparse.Namespace, device: torch.device) -> dict:
                 break
     synchronize(device)
     train_s = time.perf_counter() - started
-    return {"workload": f"ResNet-18-sized backbone (small stem), batch {batch}, 2x28 + 4x14 crops, bf16",
-            "steps": done, "planned_steps": total, "epochs": done / steps_per_epoch, "train_s": train_s,
-            "img_per_s": done * batch / train_s, "final_loss": float(loss),
-            "knn_top1": knn_top1(model, (train_images, train_labels), (test_images, test_labels), device),
-            "random_init_knn_top1": random_init_top1, "data_dir": str(root)}
+    return {
+        "workload": f"ResNet-18-sized backbone (small stem), batch {batch}, 2x28 + 4x14 crops, bf16",
+        "steps": done,
+        "planned_steps": total,
+        "epochs": done / steps_per_epoch,
+        "train_s": train_s,
+        "img_per_s": done * batch / train_s,
+        "final_loss": float(loss),
+        "knn_top1": knn_top1(model, (train_images, train_labels), (test_images, test_labels), device),
+        "random_init_knn_top1": random_init_top1,
+        "data_dir": str(root),
+    }
 
 
 def markdown(results: dict) -> str:
     r50, fmnist = results["resnet50_multicrop"], results["fashion_mnist"]
     mfu = f"{100 * r50['mfu']:.1f}%" if r50["mfu"] is not None else "n/a (unknown peak)"
-    rows = [["ResNet-50 2x224+6x96 bf16 step", fmt_range(r50["img_per_s"], 2), f"MFU {mfu} (target >= 35%)"],
-            ["Fashion-MNIST ResNet-18-sized run", f"{fmnist['img_per_s']:.0f}",
-             (f"kNN top-1 {fmnist['knn_top1']:.4f} vs random init {fmnist['random_init_knn_top1']:.4f}, "
-             f"{fmnist['epochs']:.1f} epochs in {fmnist['train_s']:.0f} s")]]
-    return (f"# GPU benchmark: {results['machine']['device']}, {results['machine']['date']}\n\n"
-            + markdown_table(["benchmark", "img/s median (min-max)", "result"], rows) + "\n")
+    rows = [
+        ["ResNet-50 2x224+6x96 bf16 step", fmt_range(r50["img_per_s"], 2), f"MFU {mfu} (target >= 35%)"],
+        [
+            "Fashion-MNIST ResNet-18-sized run",
+            f"{fmnist['img_per_s']:.0f}",
+            (
+                f"kNN top-1 {fmnist['knn_top1']:.4f} vs random init {fmnist['random_init_knn_top1']:.4f}, "
+                f"{fmnist['epochs']:.1f} epochs in {fmnist['train_s']:.0f} s"
+            ),
+        ],
+    ]
+    return (
+        f"# GPU benchmark: {results['machine']['device']}, {results['machine']['date']}\n\n"
+        + markdown_table(["benchmark", "img/s median (min-max)", "result"], rows)
+        + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -235,9 +291,12 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("No CUDA device here; run with --device cpu --tiny for a smoke test.")
     torch.backends.cudnn.benchmark = True
-    results = {"machine": machine_info(device), "tiny": args.tiny,
-               "resnet50_multicrop": resnet50_throughput(args, device),
-               "fashion_mnist": fashion_mnist_run(args, device)}
+    results = {
+        "machine": machine_info(device),
+        "tiny": args.tiny,
+        "resnet50_multicrop": resnet50_throughput(args, device),
+        "fashion_mnist": fashion_mnist_run(args, device),
+    }
     stem = f"gpu-{device_slug(device)}{'-tiny' if args.tiny else ''}-{results['machine']['date']}"
     results_dir = Path(args.results_dir)
     write_json(results_dir / f"{stem}.json", results)

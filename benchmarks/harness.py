@@ -117,10 +117,15 @@ def machine_info(device: torch.device) -> dict:
     """What a reader needs to judge the numbers: device, cores, threads, load, versions."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
-        "device": device_name(device), "device_type": device.type, "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "load_average_1_5_15": load,
-        "torch": torch.__version__, "python": platform.python_version(),
-        "date": dt.date.today().isoformat(), "time": dt.datetime.now().isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "device_type": device.type,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15": load,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": dt.date.today().isoformat(),
+        "time": dt.datetime.now().isoformat(timespec="seconds"),
     }
 
 

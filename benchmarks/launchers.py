@@ -21,11 +21,33 @@ GLOBAL_BATCH = 64
 
 def common_arguments(steps: int, output_dir: Path) -> list[str]:
     """A tiny-resnet run on a Fashion-MNIST subset with no evaluation or checkpoints in the way."""
-    return ["--model_preset", "tiny-resnet", "--max_train_samples", "4096", "--eval_split", "",
-            "--per_device_train_batch_size", str(GLOBAL_BATCH // 2), "--bunch_size", str(GLOBAL_BATCH),
-            "--local_crop_size", "8", "--num_local_crops", "2", "--max_steps", str(steps), "--logging_steps", "1",
-            "--save_strategy", "no", "--report_to", "none", "--output_dir", str(output_dir),
-            "--overwrite_output_dir"]
+    return [
+        "--model_preset",
+        "tiny-resnet",
+        "--max_train_samples",
+        "4096",
+        "--eval_split",
+        "",
+        "--per_device_train_batch_size",
+        str(GLOBAL_BATCH // 2),
+        "--bunch_size",
+        str(GLOBAL_BATCH),
+        "--local_crop_size",
+        "8",
+        "--num_local_crops",
+        "2",
+        "--max_steps",
+        str(steps),
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--output_dir",
+        str(output_dir),
+        "--overwrite_output_dir",
+    ]
 
 
 def launcher_commands(steps: int, work_dir: Path) -> dict[str, tuple[list[str], Path]]:
@@ -34,10 +56,23 @@ def launcher_commands(steps: int, work_dir: Path) -> dict[str, tuple[list[str], 
     torchrun = str(Path(python).with_name("torchrun"))
     ray_dir, torchrun_dir = work_dir / "ray", work_dir / "torchrun"
     return {
-        "ray-train": ([python, str(PRETRAIN), *common_arguments(steps, ray_dir), "--launcher", "ray",
-                       "--num_workers", "2"], ray_dir),
-        "torchrun": ([torchrun, "--nproc_per_node", "2", "--standalone", str(PRETRAIN),
-                      *common_arguments(steps, torchrun_dir), "--launcher", "local"], torchrun_dir),
+        "ray-train": (
+            [python, str(PRETRAIN), *common_arguments(steps, ray_dir), "--launcher", "ray", "--num_workers", "2"],
+            ray_dir,
+        ),
+        "torchrun": (
+            [
+                torchrun,
+                "--nproc_per_node",
+                "2",
+                "--standalone",
+                str(PRETRAIN),
+                *common_arguments(steps, torchrun_dir),
+                "--launcher",
+                "local",
+            ],
+            torchrun_dir,
+        ),
     }
 
 
@@ -51,7 +86,7 @@ def steady_step_seconds(log: list[dict], global_batch: int, skip_fraction: float
     """Per-step seconds (global_batch / img_per_s) of training-step log lines, leaving out the first
     `skip_fraction` of them (start-up, allocator and thread-pool warm-up)."""
     steps = [line for line in log if "img_per_s" in line]
-    kept = steps[int(len(steps) * skip_fraction):]
+    kept = steps[int(len(steps) * skip_fraction) :]
     return [global_batch / line["img_per_s"] for line in kept if line["img_per_s"] > 0]
 
 
@@ -61,8 +96,9 @@ def run_launcher(command: list[str], output_dir: Path, timeout_s: float) -> dict
     shutil.rmtree(output_dir, ignore_errors=True)
     environment = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     first_step_s = None
     output = ""
     try:
@@ -90,8 +126,10 @@ def run(work_dir: Path, steps: int, timeout_s: float = 600) -> dict:
         measured = run_launcher(command, output_dir, timeout_s)
         seconds = steady_step_seconds(measured.pop("log"), GLOBAL_BATCH)
         results[name] = {**measured, "step_s": summarise(seconds), "steps": steps}
-    return {"workload": f"tiny-resnet, global batch {GLOBAL_BATCH}, 2 workers x 1 thread, 2x16 + 2x8 crops",
-            "launchers": results,
-            "step_time_ratio_ray_over_torchrun": ratio(results["ray-train"]["step_s"], results["torchrun"]["step_s"]),
-            "first_step_ratio_ray_over_torchrun": results["ray-train"]["time_to_first_step_s"]
-            / results["torchrun"]["time_to_first_step_s"]}
+    return {
+        "workload": f"tiny-resnet, global batch {GLOBAL_BATCH}, 2 workers x 1 thread, 2x16 + 2x8 crops",
+        "launchers": results,
+        "step_time_ratio_ray_over_torchrun": ratio(results["ray-train"]["step_s"], results["torchrun"]["step_s"]),
+        "first_step_ratio_ray_over_torchrun": results["ray-train"]["time_to_first_step_s"]
+        / results["torchrun"]["time_to_first_step_s"],
+    }

@@ -23,8 +23,15 @@ KNN_K, KNN_TEMPERATURE, NUM_CLASSES = 20, 0.07, 10
 
 
 def knn_top1(bank: torch.Tensor, bank_labels: np.ndarray, queries: torch.Tensor, query_labels: np.ndarray) -> float:
-    metrics = knn_evaluate(bank.float(), torch.tensor(bank_labels), queries.float(),
-                           torch.tensor(query_labels), NUM_CLASSES, ks=(KNN_K,), temperature=KNN_TEMPERATURE)
+    metrics = knn_evaluate(
+        bank.float(),
+        torch.tensor(bank_labels),
+        queries.float(),
+        torch.tensor(query_labels),
+        NUM_CLASSES,
+        ks=(KNN_K,),
+        temperature=KNN_TEMPERATURE,
+    )
     return metrics["knn_top1"]
 
 
@@ -38,7 +45,7 @@ def model_features(model: TwistModel, images: np.ndarray, batch_size: int = 1000
     config = model.config
     chunks = []
     for start in range(0, len(images), batch_size):
-        batch = torch.tensor(images[start:start + batch_size])
+        batch = torch.tensor(images[start : start + batch_size])
         pixels = batched_eval_transform(batch, config.image_size, config.image_mean, config.image_std)
         chunks.append(model(pixel_values=pixels).pooler_output)
     return torch.cat(chunks)
@@ -57,32 +64,56 @@ def baselines(max_train: int | None, max_test: int | None) -> dict[str, float]:
     return {
         "raw_pixels": knn_top1(bank, train_labels, queries, test_labels),
         "mean_centred_pixels": knn_top1(bank - mean, train_labels, queries - mean, test_labels),
-        "random_init_fmnist_resnet": knn_top1(model_features(random_model, train_images), train_labels,
-                                              model_features(random_model, test_images), test_labels),
+        "random_init_fmnist_resnet": knn_top1(
+            model_features(random_model, train_images),
+            train_labels,
+            model_features(random_model, test_images),
+            test_labels,
+        ),
     }
 
 
 def default_run(output_dir: Path, extra_arguments: list[str], timeout_s: float) -> dict:
     """`python recipes/pretrain.py` (the default recipe) and its all_results.json, with the wall time."""
-    command = [sys.executable, str(REPO / "recipes" / "pretrain.py"), "--output_dir", str(output_dir),
-               "--overwrite_output_dir", "--report_to", "none", *extra_arguments]
+    command = [
+        sys.executable,
+        str(REPO / "recipes" / "pretrain.py"),
+        "--output_dir",
+        str(output_dir),
+        "--overwrite_output_dir",
+        "--report_to",
+        "none",
+        *extra_arguments,
+    ]
     started = time.perf_counter()
-    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
-                              check=False)
+    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s, check=False)
     wall_s = time.perf_counter() - started
     if finished.returncode != 0:
         raise RuntimeError(f"The default run failed (exit {finished.returncode}):\n{finished.stderr[-3000:]}")
     results = json.loads((output_dir / "all_results.json").read_text())
-    return {"command": " ".join(command[1:]), "wall_s": wall_s, "knn_top1": results["knn_top1"],
-            "train_images_per_second": results["train_images_per_second"],
-            "train_runtime_s": results["train_runtime"]}
+    return {
+        "command": " ".join(command[1:]),
+        "wall_s": wall_s,
+        "knn_top1": results["knn_top1"],
+        "train_images_per_second": results["train_images_per_second"],
+        "train_runtime_s": results["train_runtime"],
+    }
 
 
-def run(output_dir: Path, with_training: bool, max_train: int | None = None, max_test: int | None = None,
-        extra_arguments: tuple[str, ...] = (), timeout_s: float = 1800) -> dict:
-    results = {"knn": f"weighted cosine kNN, k={KNN_K}, T={KNN_TEMPERATURE}",
-               "train_samples": max_train or 60000, "test_samples": max_test or 10000,
-               "baselines_knn_top1": baselines(max_train, max_test)}
+def run(
+    output_dir: Path,
+    with_training: bool,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    extra_arguments: tuple[str, ...] = (),
+    timeout_s: float = 1800,
+) -> dict:
+    results = {
+        "knn": f"weighted cosine kNN, k={KNN_K}, T={KNN_TEMPERATURE}",
+        "train_samples": max_train or 60000,
+        "test_samples": max_test or 10000,
+        "baselines_knn_top1": baselines(max_train, max_test),
+    }
     if with_training:
         run_results = default_run(output_dir, list(extra_arguments), timeout_s)
         results["default_run"] = run_results

@@ -38,9 +38,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition, no launchers")
     parser.add_argument("--quality", action="store_true", help="also run the default Fashion-MNIST recipe (~10 min)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
-    parser.add_argument("--compile", choices=("none", "small", "all"), default=None,
-                        help="torch.compile variants: none, fmnist-resnet only ('small', the CPU default: compiling "
-                             "ResNet-50 takes minutes on 2 cores) or every model (default on GPU)")
+    parser.add_argument(
+        "--compile",
+        choices=("none", "small", "all"),
+        default=None,
+        help="torch.compile variants: none, fmnist-resnet only ('small', the CPU default: compiling "
+        "ResNet-50 takes minutes on 2 cores) or every model (default on GPU)",
+    )
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3, smoke 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--results-dir", default=str(HERE / "results"))
@@ -57,24 +61,28 @@ def chosen_sections(args: argparse.Namespace) -> list[str]:
     return sections
 
 
-def run_section(section: str, args: argparse.Namespace, device: torch.device,
-                save_train_step: Callable[[dict], None]) -> dict:
+def run_section(
+    section: str, args: argparse.Namespace, device: torch.device, save_train_step: Callable[[dict], None]
+) -> dict:
     size = "smoke" if args.smoke else "quick" if args.quick else "full"
     reps = args.reps or (1 if args.smoke else 3)
     if section == "train_step":
-        compile_mode = args.compile or ("none" if args.smoke or args.quick else
-                                        "all" if device.type == "cuda" else "small")
+        compile_mode = args.compile or (
+            "none" if args.smoke or args.quick else "all" if device.type == "cuda" else "small"
+        )
         return train_step.run(device, size, 1, reps, compile_mode, on_workload=save_train_step)
     if section == "augmentation":
-        return augmentation.run(warmup=1, reps=reps, max_images=2 if args.smoke else None,
-                                num_local=2 if args.smoke else 6)
+        return augmentation.run(
+            warmup=1, reps=reps, max_images=2 if args.smoke else None, num_local=2 if args.smoke else 6
+        )
     if section == "launchers":
         with tempfile.TemporaryDirectory(prefix="twist-bench-launch-") as work_dir:
             return launchers.run(Path(work_dir), steps=100 if args.quick else 200)
     with tempfile.TemporaryDirectory(prefix="twist-bench-quality-") as work_dir:
         subset = (2000, 500) if args.smoke else (None, None)
-        return quality.run(Path(work_dir), with_training=args.quality and not args.smoke,
-                           max_train=subset[0], max_test=subset[1])
+        return quality.run(
+            Path(work_dir), with_training=args.quality and not args.smoke, max_train=subset[0], max_test=subset[1]
+        )
 
 
 def run_sections(args: argparse.Namespace, device: torch.device, save: Callable[[dict], None]) -> dict:
@@ -85,8 +93,7 @@ def run_sections(args: argparse.Namespace, device: torch.device, save: Callable[
         started = time.perf_counter()
         print(f"[benchmarks] {section} ...", flush=True)
         try:
-            results[section] = run_section(section, args, device,
-                                           lambda done: save({**results, "train_step": done}))
+            results[section] = run_section(section, args, device, lambda done: save({**results, "train_step": done}))
         except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as error:
             results["errors"][section] = f"{type(error).__name__}: {error}"[-2000:]
         results["section_seconds"][section] = time.perf_counter() - started
@@ -99,46 +106,92 @@ def train_step_rows(section: dict) -> list[list[str]]:
     for name, workload in section.items():
         for variant_name, variant in workload["variants"].items():
             best = " **best**" if variant_name == workload["best_variant"] else ""
-            rows.append([f"{name} (batch {workload['workload']['batch']})", variant_name + best,
-                         fmt_range(variant["img_per_s"], 2), f"{variant['speedup_vs_eager']:.2f}x",
-                         f"{variant['peak_memory_mb']:.0f}", f"{variant['first_step_s']:.1f}"])
+            rows.append(
+                [
+                    f"{name} (batch {workload['workload']['batch']})",
+                    variant_name + best,
+                    fmt_range(variant["img_per_s"], 2),
+                    f"{variant['speedup_vs_eager']:.2f}x",
+                    f"{variant['peak_memory_mb']:.0f}",
+                    f"{variant['first_step_s']:.1f}",
+                ]
+            )
     return rows
 
 
 def markdown_report(results: dict) -> str:
     machine = results["machine"]
-    parts = [f"# twist-hf benchmarks: {machine['device']} ({machine['cpu_count']} cores), {machine['date']}",
-             "",
-             (f"Load average at start (1/5/15 min): {machine['load_average_1_5_15']}; torch {machine['torch']}. "
-             "Medians of repeated runs after a warm-up, (min-max) in brackets; every ratio compares two "
-             "measurements of this same run. Produced by `python benchmarks/run.py`; see benchmarks/README.md.")]
+    parts = [
+        f"# twist-hf benchmarks: {machine['device']} ({machine['cpu_count']} cores), {machine['date']}",
+        "",
+        (
+            f"Load average at start (1/5/15 min): {machine['load_average_1_5_15']}; torch {machine['torch']}. "
+            "Medians of repeated runs after a warm-up, (min-max) in brackets; every ratio compares two "
+            "measurements of this same run. Produced by `python benchmarks/run.py`; see benchmarks/README.md."
+        ),
+    ]
     if "train_step" in results:
-        parts += ["", "## Training step (forward + backward + optimiser step)", "",
-                  ("Peak memory: process RSS high-water mark on CPU (includes the Python process), "
-                  "torch.cuda.max_memory_allocated on GPU. First step includes compilation."), "",
-                  markdown_table(["model (views)", "variant", "img/s", "vs eager fp32", "peak MB", "first step s"],
-                                 train_step_rows(results["train_step"]))]
+        parts += [
+            "",
+            "## Training step (forward + backward + optimiser step)",
+            "",
+            (
+                "Peak memory: process RSS high-water mark on CPU (includes the Python process), "
+                "torch.cuda.max_memory_allocated on GPU. First step includes compilation."
+            ),
+            "",
+            markdown_table(
+                ["model (views)", "variant", "img/s", "vs eager fp32", "peak MB", "first step s"],
+                train_step_rows(results["train_step"]),
+            ),
+        ]
     if "augmentation" in results:
         section = results["augmentation"]
-        rows = [[name, fmt_range(value["img_per_s"]), f"{value['speedup_vs_classic']:.2f}x",
-                 f"{value['speedup_vs_classic_pil_blur']:.2f}x"] for name, value in section["pipelines"].items()]
-        parts += ["", (f"## Augmentation ({section['views']}, 1 thread, {len(section['images'])} photographs "
-                  "from encoded bytes)"), "",
-                  markdown_table(["pipeline", "img/s", "vs classic torchvision", "vs classic with PIL blur"], rows)]
+        rows = [
+            [
+                name,
+                fmt_range(value["img_per_s"]),
+                f"{value['speedup_vs_classic']:.2f}x",
+                f"{value['speedup_vs_classic_pil_blur']:.2f}x",
+            ]
+            for name, value in section["pipelines"].items()
+        ]
+        parts += [
+            "",
+            (
+                f"## Augmentation ({section['views']}, 1 thread, {len(section['images'])} photographs "
+                "from encoded bytes)"
+            ),
+            "",
+            markdown_table(["pipeline", "img/s", "vs classic torchvision", "vs classic with PIL blur"], rows),
+        ]
     if "launchers" in results:
         section = results["launchers"]
-        rows = [[name, fmt_range(value["step_s"], 3), f"{value['time_to_first_step_s']:.1f}", f"{value['wall_s']:.1f}"]
-                for name, value in section["launchers"].items()]
-        parts += ["", f"## Launchers ({section['workload']})", "",
-                  markdown_table(["launcher", "steady step s", "time to first step s", "wall s"], rows), "",
-                  (f"Step time ratio Ray / torchrun: {section['step_time_ratio_ray_over_torchrun']:.3f} "
-                  f"(target <= 1.05); time to first step ratio: {section['first_step_ratio_ray_over_torchrun']:.2f}.")]
+        rows = [
+            [name, fmt_range(value["step_s"], 3), f"{value['time_to_first_step_s']:.1f}", f"{value['wall_s']:.1f}"]
+            for name, value in section["launchers"].items()
+        ]
+        parts += [
+            "",
+            f"## Launchers ({section['workload']})",
+            "",
+            markdown_table(["launcher", "steady step s", "time to first step s", "wall s"], rows),
+            "",
+            (
+                f"Step time ratio Ray / torchrun: {section['step_time_ratio_ray_over_torchrun']:.3f} "
+                f"(target <= 1.05); time to first step ratio: {section['first_step_ratio_ray_over_torchrun']:.2f}."
+            ),
+        ]
     if "quality" in results:
         parts += ["", "## Quality on Fashion-MNIST (kNN top-1)", "", quality_table(results["quality"])]
     parts += ["", "## Targets", ""] + [f"- {line}" for line in target_lines(results)]
     parts += [f"- section {name} failed: {message.splitlines()[0]}" for name, message in results["errors"].items()]
-    parts += ["", f"Section wall times (s): { {k: round(v) for k, v in results['section_seconds'].items()} }"
-              + ("" if results.get("complete") else " (partial: the run is still going or was stopped)"), ""]
+    parts += [
+        "",
+        f"Section wall times (s): { {k: round(v) for k, v in results['section_seconds'].items()} }"
+        + ("" if results.get("complete") else " (partial: the run is still going or was stopped)"),
+        "",
+    ]
     return "\n".join(parts)
 
 
@@ -146,10 +199,18 @@ def quality_table(section: dict) -> str:
     rows = [[name.replace("_", " "), f"{value:.4f}", "", ""] for name, value in section["baselines_knn_top1"].items()]
     if "default_run" in section:
         run = section["default_run"]
-        rows.append(["default TWIST run (recipes/pretrain.py)", f"{run['knn_top1']:.4f}",
-                     f"{run['train_images_per_second']:.0f}", f"{run['wall_s']:.0f}"])
-    return (f"{section['knn']}, {section['train_samples']} train / {section['test_samples']} test images.\n\n"
-            + markdown_table(["features", "kNN top-1", "train img/s", "wall s"], rows))
+        rows.append(
+            [
+                "default TWIST run (recipes/pretrain.py)",
+                f"{run['knn_top1']:.4f}",
+                f"{run['train_images_per_second']:.0f}",
+                f"{run['wall_s']:.0f}",
+            ]
+        )
+    return (
+        f"{section['knn']}, {section['train_samples']} train / {section['test_samples']} test images.\n\n"
+        + markdown_table(["features", "kNN top-1", "train img/s", "wall s"], rows)
+    )
 
 
 def target_lines(results: dict) -> list[str]:
@@ -158,14 +219,18 @@ def target_lines(results: dict) -> list[str]:
     for name, workload in results.get("train_step", {}).items():
         speedup = workload["best_speedup_vs_eager"]
         verdict = "met" if speedup >= TARGETS["train_step"] else f"missed by {TARGETS['train_step'] - speedup:.2f}x"
-        lines.append(f"train step {name}: best {workload['best_variant']} = {speedup:.2f}x eager fp32 "
-                     f"(target >= 1.3x): {verdict}")
+        lines.append(
+            f"train step {name}: best {workload['best_variant']} = {speedup:.2f}x eager fp32 "
+            f"(target >= 1.3x): {verdict}"
+        )
     if "augmentation" in results:
         ours = results["augmentation"]["pipelines"]["ours (PhotoMultiCropTransform)"]
         speedup = ours["speedup_vs_classic"]
         verdict = "met" if speedup >= TARGETS["augmentation"] else f"missed by {TARGETS['augmentation'] - speedup:.2f}x"
-        lines.append(f"augmentation: ours = {speedup:.2f}x classic torchvision (target >= 2x): {verdict}; "
-                     f"{ours['speedup_vs_classic_pil_blur']:.2f}x the classic pipeline with Pillow's blur")
+        lines.append(
+            f"augmentation: ours = {speedup:.2f}x classic torchvision (target >= 2x): {verdict}; "
+            f"{ours['speedup_vs_classic_pil_blur']:.2f}x the classic pipeline with Pillow's blur"
+        )
     if "launchers" in results:
         value = results["launchers"]["step_time_ratio_ray_over_torchrun"]
         verdict = "met" if value <= TARGETS["launchers"] else f"missed by {value - TARGETS['launchers']:.3f}"

@@ -61,10 +61,18 @@ def candidate_variants(workload: Workload) -> list[Variant]:
     """Cheap variants tried on every model (compile is added on top of the fastest of these)."""
     if workload.is_cnn:
         # LARS (the ResNet recipes' optimiser) has no fused or foreach implementation.
-        return [EAGER, Variant("channels_last", channels_last=True), Variant("bf16", bf16=True),
-                Variant("channels_last+bf16", channels_last=True, bf16=True)]
-    return [EAGER, Variant("fused-adamw", fused_optim=True), Variant("bf16", bf16=True),
-            Variant("bf16+fused-adamw", bf16=True, fused_optim=True)]
+        return [
+            EAGER,
+            Variant("channels_last", channels_last=True),
+            Variant("bf16", bf16=True),
+            Variant("channels_last+bf16", channels_last=True, bf16=True),
+        ]
+    return [
+        EAGER,
+        Variant("fused-adamw", fused_optim=True),
+        Variant("bf16", bf16=True),
+        Variant("bf16+fused-adamw", bf16=True, fused_optim=True),
+    ]
 
 
 def with_compile(variant: Variant) -> Variant:
@@ -93,8 +101,10 @@ def synthetic_views(workload: Workload, device: torch.device, channels_last: boo
     generator = torch.Generator().manual_seed(0)
     sizes = [workload.global_size] * 2 + [workload.local_size] * workload.num_local
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return [torch.randn(workload.batch, 3, size, size, generator=generator).to(device, memory_format=memory_format)
-            for size in sizes]
+    return [
+        torch.randn(workload.batch, 3, size, size, generator=generator).to(device, memory_format=memory_format)
+        for size in sizes
+    ]
 
 
 def make_step(workload: Workload, variant: Variant, device: torch.device):
@@ -126,8 +136,12 @@ def warm_up(workload: Workload, variant: Variant, device: torch.device, warmup: 
         step()
         first_step_s = time.perf_counter() - started
         time_repeated(step, warmup=0, reps=max(warmup - 1, 1))
-    return step, {"variant": asdict(variant), "first_step_s": first_step_s,
-                  "peak_memory_mb": memory.peak_bytes / 2**20, "memory_measure": memory.kind}
+    return step, {
+        "variant": asdict(variant),
+        "first_step_s": first_step_s,
+        "peak_memory_mb": memory.peak_bytes / 2**20,
+        "memory_measure": memory.kind,
+    }
 
 
 def interleaved_seconds(steps: dict, reps: int) -> dict[str, list[float]]:
@@ -140,8 +154,7 @@ def interleaved_seconds(steps: dict, reps: int) -> dict[str, list[float]]:
     return seconds
 
 
-def measure_round(workload: Workload, variants: list[Variant], device: torch.device, warmup: int,
-                  reps: int) -> dict:
+def measure_round(workload: Workload, variants: list[Variant], device: torch.device, warmup: int, reps: int) -> dict:
     """Warm every variant up, then time them in turns; speedups are against this round's eager fp32."""
     steps, results = {}, {}
     for variant in variants:
@@ -154,8 +167,7 @@ def measure_round(workload: Workload, variants: list[Variant], device: torch.dev
     return results
 
 
-def benchmark_workload(workload: Workload, device: torch.device, warmup: int, reps: int,
-                       use_compile: bool) -> dict:
+def benchmark_workload(workload: Workload, device: torch.device, warmup: int, reps: int, use_compile: bool) -> dict:
     """All cheap variants in turns; then torch.compile on top of the fastest, timed in turns with eager fp32
     again. The fastest of all is the 'optimised' path."""
     candidates = candidate_variants(workload)
@@ -164,17 +176,30 @@ def benchmark_workload(workload: Workload, device: torch.device, warmup: int, re
         best_cheap = max(candidates, key=lambda v: results[v.name]["img_per_s"]["median"])
         compiled = with_compile(best_cheap)
         second = measure_round(workload, [EAGER, compiled], device, warmup + 1, reps)
-        results[compiled.name] = {**second[compiled.name], "eager_img_per_s_same_round": second[EAGER.name]["img_per_s"]}
+        results[compiled.name] = {
+            **second[compiled.name],
+            "eager_img_per_s_same_round": second[EAGER.name]["img_per_s"],
+        }
     best = max(results, key=lambda name: results[name]["speedup_vs_eager"])
-    return {"workload": asdict(workload), "variants": results, "best_variant": best,
-            "best_speedup_vs_eager": results[best]["speedup_vs_eager"]}
+    return {
+        "workload": asdict(workload),
+        "variants": results,
+        "best_variant": best,
+        "best_speedup_vs_eager": results[best]["speedup_vs_eager"],
+    }
 
 
 SMALL_PRESETS = ("fmnist-resnet", "tiny-resnet")
 
 
-def run(device: torch.device, size: str, warmup: int, reps: int, compile_mode: str,
-        on_workload: Callable[[dict], None] | None = None) -> dict:
+def run(
+    device: torch.device,
+    size: str,
+    warmup: int,
+    reps: int,
+    compile_mode: str,
+    on_workload: Callable[[dict], None] | None = None,
+) -> dict:
     """Every workload; compile_mode 'none', 'small' (the small presets only) or 'all'. `on_workload` sees the
     results so far after each workload (to save partial results on a slow machine)."""
     if compile_mode not in ("none", "small", "all"):

@@ -169,9 +169,7 @@ class RepoStore:
                 return matches[0]
         return None
 
-    def commit(
-        self, repo_id: str, branch: str, operations: list[dict], message: str, parent_commit: str | None
-    ) -> str:
+    def commit(self, repo_id: str, branch: str, operations: list[dict], message: str, parent_commit: str | None) -> str:
         """Apply `operations` (`file`, `lfsFile`, `deletedFile`, `deletedFolder`) on top of `branch`."""
         with self._lock:
             repo = self._require_repo(repo_id)
@@ -388,9 +386,7 @@ class Answer:
 
 
 def _json_answer(payload: Any, status: int = 200, headers: dict | None = None) -> Answer:
-    return Answer(
-        status, json.dumps(payload).encode(), {"Content-Type": "application/json", **(headers or {})}
-    )
+    return Answer(status, json.dumps(payload).encode(), {"Content-Type": "application/json", **(headers or {})})
 
 
 def _error_answer(error: HubHTTPError) -> Answer:
@@ -715,9 +711,7 @@ def preupload(handler: _Handler, match: re.Match, body: bytes) -> Answer:
     store = handler.server.hub.store
     repo = _readable_repo(handler, match["repo"])
     _, files = _resolved(repo, unquote(match["rev"]))
-    gitattributes = (
-        store.read_object(files[".gitattributes"]["sha256"]).decode() if ".gitattributes" in files else ""
-    )
+    gitattributes = store.read_object(files[".gitattributes"]["sha256"]).decode() if ".gitattributes" in files else ""
     answers = []
     for item in _json_body(body).get("files", []):
         lfs = _is_lfs(item["path"], item["size"], base64.b64decode(item["sample"]), gitattributes)
@@ -762,12 +756,8 @@ def lfs_verify(handler: _Handler, match: re.Match, body: bytes) -> Answer:
     handler.require_user()
     payload = _json_body(body)
     store = handler.server.hub.store
-    if not store.has_object(payload.get("oid", "")) or store.object_size(payload["oid"]) != payload.get(
-        "size"
-    ):
-        raise HubHTTPError(
-            404, f"LFS object {payload.get('oid')} of size {payload.get('size')} was not uploaded"
-        )
+    if not store.has_object(payload.get("oid", "")) or store.object_size(payload["oid"]) != payload.get("size"):
+        raise HubHTTPError(404, f"LFS object {payload.get('oid')} of size {payload.get('size')} was not uploaded")
     return _json_answer({})
 
 
@@ -802,13 +792,9 @@ def commit(handler: _Handler, match: re.Match, body: bytes) -> Answer | None:
         raise HubHTTPError(400, "A commit payload starts with a 'header' line")
     header = lines[0]["value"]
     message = "\n\n".join(part for part in (header.get("summary"), header.get("description")) if part)
-    sha = hub.store.commit(
-        match["repo"], unquote(match["rev"]), lines[1:], message, header.get("parentCommit")
-    )
+    sha = hub.store.commit(match["repo"], unquote(match["rev"]), lines[1:], message, header.get("parentCommit"))
     url = f"{hub.endpoint}/{match['repo']}/commit/{sha}"
-    return _json_answer(
-        {"success": True, "commitOid": sha, "commitUrl": url, "hookOutput": "", "pullRequestUrl": None}
-    )
+    return _json_answer({"success": True, "commitOid": sha, "commitUrl": url, "hookOutput": "", "pullRequestUrl": None})
 
 
 def resolve_file(handler: _Handler, match: re.Match, body: bytes) -> Answer:

@@ -47,8 +47,21 @@ def test_steady_step_seconds_skips_start_up_lines():
 def test_smoke_run_writes_results_and_table(tmp_path):
     results_dir, summary = tmp_path / "results", tmp_path / "RESULTS.md"
     finished = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--results-dir", str(results_dir),
-         "--summary", str(summary)], check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "run.py"),
+            "--smoke",
+            "--results-dir",
+            str(results_dir),
+            "--summary",
+            str(summary),
+        ],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert finished.returncode == 0, finished.stderr[-3000:]
     [json_path] = results_dir.glob("cpu-*-smoke.json")
     results = json.loads(json_path.read_text())
@@ -74,8 +87,21 @@ def test_smoke_run_writes_results_and_table(tmp_path):
 @pytest.mark.slow
 def test_gpu_script_smoke_on_cpu(tmp_path):
     finished = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--device", "cpu", "--tiny", "--results-dir",
-         str(tmp_path)], check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "gpu.py"),
+            "--device",
+            "cpu",
+            "--tiny",
+            "--results-dir",
+            str(tmp_path),
+        ],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert finished.returncode == 0, finished.stderr[-3000:]
     [json_path] = tmp_path.glob("gpu-cpu-*-tiny-*.json")
     results = json.loads(json_path.read_text())

@@ -95,9 +95,7 @@ def widened_resnet(stem: int, depths=(1, 1, 1, 1)) -> nn.Module:
     backbone.bn1 = nn.BatchNorm2d(stem)
     for index, depth in enumerate(depths):
         stride = 1 if index == 0 else 2
-        setattr(
-            backbone, f"layer{index + 1}", backbone._make_layer(Bottleneck, stem * 2**index, depth, stride)
-        )
+        setattr(backbone, f"layer{index + 1}", backbone._make_layer(Bottleneck, stem * 2**index, depth, stride))
     backbone.fc = nn.Identity()
     return backbone
 
@@ -250,9 +248,7 @@ def test_full_vit_checkpoint_gives_the_reference_outputs(vit_reference, tmp_path
 
 def test_vit_keeps_the_position_grid_it_was_trained_with(tmp_path):
     network = reference(vit(img_size=64), 384, seed=6, activation=nn.GELU)
-    conversion = convert_official_checkpoint(
-        save_backbone_only(tmp_path / "vit.pth", network.backbone, "state_dict")
-    )
+    conversion = convert_official_checkpoint(save_backbone_only(tmp_path / "vit.pth", network.backbone, "state_dict"))
     assert conversion.model.config.backbone_config.model_args["img_size"] == 64
     pixels = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(outputs(conversion.model, pixels)[0], reference_outputs(network, pixels)[0])
@@ -318,9 +314,7 @@ def test_args_under_other_names_are_read_and_the_tensors_win_over_them(small_res
     )
     assert config.lam1 == 0.0
     assert "ignored args.lam1 = 'high': not a number usable as lam1" in conversion.notes
-    assert any(
-        "args.dim = 999 disagrees with num_classes = 24 from the head's" in note for note in conversion.notes
-    )
+    assert any("args.dim = 999 disagrees with num_classes = 24 from the head's" in note for note in conversion.notes)
     with pytest.raises(ConversionError, match="contradicts the checkpoint's head"):
         convert_official_checkpoint(tmp_path / "args.pth", num_classes=1000)
 
@@ -460,9 +454,7 @@ def test_command_line_pushes_a_backbone_only_conversion_to_the_hub(tmp_path):
             "README.md",
             "modeling_twist.py",
         } <= files
-        card = hf_hub_download(
-            repo, "README.md", endpoint=hub.endpoint, token=TEST_TOKEN, cache_dir=tmp_path / "cache"
-        )
+        card = hf_hub_download(repo, "README.md", endpoint=hub.endpoint, token=TEST_TOKEN, cache_dir=tmp_path / "cache")
         assert f"| Head | {FRESH_HEAD_NOTE} |" in Path(card).read_text()
     finally:
         hub.stop()

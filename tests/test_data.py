@@ -160,9 +160,7 @@ def test_load_image_dataset_from_parquet_keeps_the_image_feature(tmp_path):
     images = [png_bytes(Image.new("L", (5, 4), value)) for value in (0, 100, 200)]
     source = datasets.Dataset.from_dict({"img": images, "fine": [0, 1, 1]}, features=features)
     source.to_parquet(str(tmp_path / "data.parquet"))
-    dataset = load_image_dataset(
-        "parquet", data_files=str(tmp_path / "*.parquet"), cache_dir=str(tmp_path / "c")
-    )
+    dataset = load_image_dataset("parquet", data_files=str(tmp_path / "*.parquet"), cache_dir=str(tmp_path / "c"))
     assert find_image_column(dataset.features) == "img"
     assert find_label_column(dataset.features) == "fine"
     assert dataset["fine"] == [0, 1, 1]
@@ -199,9 +197,7 @@ def test_find_columns_by_type_by_name_and_with_clear_errors():
     assert find_image_column(features) == "photo"
     assert find_label_column(features) == "labels"
     assert find_label_column(datasets.Features({"photo": datasets.Image()})) is None
-    with pytest.raises(
-        KeyError, match=r"'picture' not in the dataset; its columns are \['id', 'photo', 'labels'\]"
-    ):
+    with pytest.raises(KeyError, match=r"'picture' not in the dataset; its columns are \['id', 'photo', 'labels'\]"):
         find_image_column(features, "picture")
     with pytest.raises(KeyError, match="No datasets.Image column"):
         find_image_column(datasets.Features({"id": datasets.Value("string")}))
@@ -235,9 +231,7 @@ def test_decode_maps_16_bit_grayscale_by_its_full_range():
 def test_decode_skips_and_counts_corrupt_truncated_and_missing_images(tmp_path):
     counter = SkippedImageCounter()
     good = png_bytes(Image.new("RGB", (16, 16), (1, 2, 3)))
-    noisy_jpeg = png_bytes(
-        Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)), "JPEG"
-    )
+    noisy_jpeg = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)), "JPEG")
     assert decode_image(good, counter) is not None
     assert decode_image(b"definitely not an image", counter, key="a") is None
     assert decode_image(good[: len(good) // 2], counter, key="b") is None
@@ -270,9 +264,7 @@ def dataset_with_bad_images():
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_dataloader_skips_bad_images_and_reports_them_from_worker_processes(
-    dataset_with_bad_images, num_workers
-):
+def test_dataloader_skips_bad_images_and_reports_them_from_worker_processes(dataset_with_bad_images, num_workers):
     loader = torch.utils.data.DataLoader(
         DecodedImageDataset(dataset_with_bad_images, transform=pil_to_chw_tensor),
         batch_size=5,
@@ -339,8 +331,7 @@ def test_epoch_shuffle_is_seeded_disjoint_and_changes_each_epoch(numbered_datase
 
     def epoch(seed, number):
         return [
-            collect_ids(shuffled_shard_for_epoch(dataset, rank, 2, seed, number, buffer_size=16))
-            for rank in (0, 1)
+            collect_ids(shuffled_shard_for_epoch(dataset, rank, 2, seed, number, buffer_size=16)) for rank in (0, 1)
         ]
 
     first = epoch(seed=1, number=0)

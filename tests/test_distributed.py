@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from multiproc import run_in_processes
 from torch.nn.parallel import DistributedDataParallel
 
-from multiproc import run_in_processes
 from twist_hf import TwistConfig, TwistForPreTraining
 from twist_hf.distributed import BunchBatchNorm, DistributedBatchNorm2d, all_reduce_sum, bunch_layout
 from twist_hf.losses import twist_loss
@@ -60,9 +60,7 @@ def two_rank_checks(rank: int, world_size: int):
         "models": [ddp_step(rank, world_size, overrides) for overrides in MODEL_CASES],
         "loss_grad": loss_and_input_grad(rank, world_size, logits),
         "bunch_grad": bunch_grad_step(rank, world_size, x),
-        "sync_bn": sync_bn_step(
-            rank, world_size, torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(5))
-        ),
+        "sync_bn": sync_bn_step(rank, world_size, torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(5))),
         "bad_bunch": model_with_bad_bunch(rank, world_size),
     }
 

@@ -131,9 +131,7 @@ def test_cluster_accuracy_equals_the_best_permutation_found_by_brute_force():
     generator = torch.Generator().manual_seed(3)
     logits, labels = torch.randn(60, 4, generator=generator), torch.randint(0, 4, (60,), generator=generator)
     clusters = logits.argmax(dim=1)
-    best = max(
-        (torch.tensor(p)[clusters] == labels).float().mean().item() for p in itertools.permutations(range(4))
-    )
+    best = max((torch.tensor(p)[clusters] == labels).float().mean().item() for p in itertools.permutations(range(4)))
     assert cluster_metrics(logits, labels, 4)["cluster_acc"] == pytest.approx(best)
 
 

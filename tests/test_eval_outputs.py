@@ -34,17 +34,13 @@ def png_size(path: Path) -> tuple[int, int]:
 def test_top3_figure_has_the_documented_pixel_size(tmp_path):
     images = [PIL.Image.fromarray(np.full((28, 28), 40 * i, dtype=np.uint8)) for i in range(6)]
     probabilities = torch.softmax(torch.randn(6, 5, generator=torch.Generator().manual_seed(0)), dim=1)
-    path = plot_top3_predictions(
-        images, probabilities, [0, 1, 2, 3, 4, 0], NAMES, tmp_path / "top3.png", columns=4
-    )
+    path = plot_top3_predictions(images, probabilities, [0, 1, 2, 3, 4, 0], NAMES, tmp_path / "top3.png", columns=4)
     assert png_size(path) == (4 * 500, 2 * 200)
 
 
 def test_top3_figure_rejects_mismatched_inputs(tmp_path):
     with pytest.raises(ValueError, match="as many images"):
-        plot_top3_predictions(
-            [PIL.Image.new("L", (8, 8))], torch.rand(2, 5), [0, 1], NAMES, tmp_path / "x.png"
-        )
+        plot_top3_predictions([PIL.Image.new("L", (8, 8))], torch.rand(2, 5), [0, 1], NAMES, tmp_path / "x.png")
 
 
 def test_confusion_matrix_adds_an_unmatched_column_when_needed(tmp_path):
@@ -101,9 +97,7 @@ def test_model_card_gets_a_model_index_that_later_runs_update(tmp_path):
 
 def test_yaml_config_is_parsed_then_command_line_flags_override_it(tmp_path):
     config = tmp_path / "eval.yaml"
-    config.write_text(
-        yaml.safe_dump({"dataset": "some/dataset", "protocol": "knn", "knn_k": [5, 10], "batch_size": 8})
-    )
+    config.write_text(yaml.safe_dump({"dataset": "some/dataset", "protocol": "knn", "knn_k": [5, 10], "batch_size": 8}))
     eval_args, knn_args, linear_args, semi_args, _ = parse_evaluation_arguments(
         ["--config", str(config), "--model", "m", "--batch_size", "32", "--linear_lrs", "0.5", "1.5"]
     )

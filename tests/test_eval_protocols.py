@@ -169,9 +169,7 @@ def test_knn_and_fast_linear_protocols_end_to_end(twist_dir, image_folder, tmp_p
 def test_paper_linear_probe_on_images_fits_two_easy_classes(twist_dir, two_class_splits):
     model, processor = load_feature_model(str(twist_dir))
     torch.manual_seed(0)
-    metrics = linear_probe_on_images(
-        model, two_class_splits, processor, epochs=40, batch_size=64, base_lr=8.0
-    )
+    metrics = linear_probe_on_images(model, two_class_splits, processor, epochs=40, batch_size=64, base_lr=8.0)
     assert metrics["linear_top1"] > 0.8
 
 
@@ -299,9 +297,7 @@ def test_all_protocols_on_a_plain_backbone_skip_clustering(resnet_dir, image_fol
 def test_command_line_with_yaml_config_writes_results_card_and_figures(twist_dir, image_folder, tmp_path):
     model = shutil.copytree(twist_dir, tmp_path / "model")
     log = tmp_path / "log.jsonl"
-    log.write_text(
-        "".join(json.dumps({"step": s, "loss": 1.0 / (s + 1), "lr": 0.1}) + "\n" for s in range(5))
-    )
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / (s + 1), "lr": 0.1}) + "\n" for s in range(5)))
     config = tmp_path / "eval.yaml"
     config.write_text(f"dataset: {image_folder}\nprotocol: knn\nbatch_size: 16\nnum_workers: 0\nknn_k: [3]\n")
     command = [sys.executable, str(REPO / "recipes" / "evaluate.py"), "--config", str(config)]

@@ -54,9 +54,7 @@ def _save_model(folder: Path, version: int, weights: bytes) -> Path:
     return folder
 
 
-def _save_training_state(
-    folder: Path, step: int, files: tuple[str, ...] = ("optimizer.pt", "rng_state.pth")
-) -> Path:
+def _save_training_state(folder: Path, step: int, files: tuple[str, ...] = ("optimizer.pt", "rng_state.pth")) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name in files:
         (folder / name).write_bytes(f"{name} at step {step}".encode())
@@ -242,9 +240,7 @@ def test_the_token_comes_from_the_environment_by_default(hub, api, tmp_path, mon
 
 
 def test_bad_options_fail_early_with_clear_messages(hub, tmp_path, monkeypatch):
-    with pytest.raises(
-        ValueError, match="hub_strategy 'sometimes' is not one of end, every_save, checkpoint"
-    ):
+    with pytest.raises(ValueError, match="hub_strategy 'sometimes' is not one of end, every_save, checkpoint"):
         _pusher(hub, hub_strategy="sometimes")
     with pytest.raises(ValueError, match="not a Hub repo id"):
         HubPusher("a/b/c", hub_token=TEST_TOKEN)

@@ -39,9 +39,7 @@ def test_card_metadata_is_what_the_hub_reads(tmp_path):
         "accuracy",
         0.8123,
     )
-    assert card.data.to_dict()["model-index"][0]["results"][0]["metrics"] == [
-        {"type": "accuracy", "value": 0.8123}
-    ]
+    assert card.data.to_dict()["model-index"][0]["results"][0]["metrics"] == [{"type": "accuracy", "value": 0.8123}]
 
 
 def test_card_body_has_every_section_the_numbers_and_the_citation(tmp_path):

@@ -123,9 +123,7 @@ print(json.dumps({{"snapshot": str(snapshot), "files": files, "single": pathlib.
     assert json.loads((snapshot / "config.json").read_text()) == {"version": 1}
     assert result["single"] == "plain text in a subfolder\n"
     blob_requests = [request for request in hub.requests if request.origin == "blobs"]
-    assert any(request.method == "GET" for request in blob_requests), (
-        "LFS files are served by the blob origin"
-    )
+    assert any(request.method == "GET" for request in blob_requests), "LFS files are served by the blob origin"
     assert not any(request.authorized for request in blob_requests), "credentials must not leave the Hub"
 
 
@@ -144,9 +142,7 @@ def test_second_push_updates_changed_files_and_skips_unchanged_lfs_weights(hub, 
     assert second.oid != first.oid
     config = hf_hub_download(repo_id, "config.json", endpoint=hub.endpoint, cache_dir=tmp_path / "cache")
     assert json.loads(Path(config).read_text()) == {"version": 2}
-    files = {
-        entry.path: entry for entry in api.list_repo_tree(repo_id, recursive=True) if hasattr(entry, "lfs")
-    }
+    files = {entry.path: entry for entry in api.list_repo_tree(repo_id, recursive=True) if hasattr(entry, "lfs")}
     assert files["model.safetensors"].lfs.sha256 == weights_oid
     assert files["config.json"].lfs is None
     assert files["config.json"].blob_id == git_blob_oid(json.dumps({"version": 2}).encode())
@@ -158,9 +154,7 @@ def test_errors_map_to_the_clients_exceptions(hub, api, tmp_path):
     with pytest.raises(RemoteEntryNotFoundError):
         hf_hub_download(repo_id, "missing.txt", endpoint=hub.endpoint, cache_dir=cache)
     with pytest.raises(RevisionNotFoundError):
-        hf_hub_download(
-            repo_id, ".gitattributes", revision="no-such-branch", endpoint=hub.endpoint, cache_dir=cache
-        )
+        hf_hub_download(repo_id, ".gitattributes", revision="no-such-branch", endpoint=hub.endpoint, cache_dir=cache)
     with pytest.raises(RepositoryNotFoundError):
         hf_hub_download("test-user/no-such-repo", "config.json", endpoint=hub.endpoint, cache_dir=cache)
     with pytest.raises(HfHubHTTPError) as unauthenticated:

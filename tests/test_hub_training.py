@@ -19,12 +19,42 @@ REPO = f"{TEST_USER}/twist-tiny"
 
 def pretrain(output_dir: Path, env: dict, *extra: str, steps: int = 16) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, str(ROOT / "recipes" / "pretrain.py"), "--launcher", "local",
-        "--model_preset", "tiny-resnet", "--max_train_samples", "512", "--max_eval_samples", "200",
-        "--per_device_train_batch_size", "32", "--bunch_size", "32", "--local_crop_size", "8",
-        "--num_local_crops", "2", "--max_steps", str(steps), "--save_strategy", "steps", "--save_steps", "8",
-        "--logging_steps", "4", "--report_to", "none", "--output_dir", str(output_dir),
-        "--push_to_hub", "--hub_model_id", REPO, "--hub_token", TEST_TOKEN, *extra,
+        sys.executable,
+        str(ROOT / "recipes" / "pretrain.py"),
+        "--launcher",
+        "local",
+        "--model_preset",
+        "tiny-resnet",
+        "--max_train_samples",
+        "512",
+        "--max_eval_samples",
+        "200",
+        "--per_device_train_batch_size",
+        "32",
+        "--bunch_size",
+        "32",
+        "--local_crop_size",
+        "8",
+        "--num_local_crops",
+        "2",
+        "--max_steps",
+        str(steps),
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "8",
+        "--logging_steps",
+        "4",
+        "--report_to",
+        "none",
+        "--output_dir",
+        str(output_dir),
+        "--push_to_hub",
+        "--hub_model_id",
+        REPO,
+        "--hub_token",
+        TEST_TOKEN,
+        *extra,
     ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
 
@@ -50,8 +80,15 @@ def test_checkpoint_strategy_pushes_training_state_and_resumes_from_the_hub(hub,
     first = pretrain(tmp_path / "first", env, "--hub_strategy", "checkpoint")
     assert first.returncode == 0, first.stderr[-3000:]
     files = repo_files(hub)
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "modeling_twist.py",
-            "last-checkpoint/training_state.pt", "last-checkpoint/trainer_state.json"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "README.md",
+        "modeling_twist.py",
+        "last-checkpoint/training_state.pt",
+        "last-checkpoint/trainer_state.json",
+    } <= files
     assert not any(name.startswith(("checkpoints/", "ray/")) for name in files)
 
     second = pretrain(tmp_path / "second", env, "--resume_from_checkpoint", REPO, "--hub_strategy", "end", steps=24)
@@ -82,8 +119,15 @@ def run_with_faults(hub, tmp_path, stages: list) -> tuple[subprocess.CompletedPr
 
     follower = threading.Thread(target=follow_stages, daemon=True)
     follower.start()
-    result = pretrain(output, client_env(hub, tmp_path / "hf-home"), "--hub_strategy", "every_save",
-                      "--hub_push_timeout", "20", steps=24)
+    result = pretrain(
+        output,
+        client_env(hub, tmp_path / "hf-home"),
+        "--hub_strategy",
+        "every_save",
+        "--hub_push_timeout",
+        "20",
+        steps=24,
+    )
     follower.join(timeout=5)
     return result, output
 

@@ -58,9 +58,7 @@ def test_resnet_keeps_its_own_initialisation():
     model = TwistModel(TwistConfig.from_preset("resnet50", head_hidden_size=8, num_classes=4))
     conv = model.backbone.encoder.stages[3].layers[0].layer[1].convolution
     fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
-    assert conv.weight.std().item() == pytest.approx(
-        (2 / fan_out) ** 0.5, rel=0.05
-    )  # kaiming, not N(0, 0.02)
+    assert conv.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.05)  # kaiming, not N(0, 0.02)
 
 
 def test_pretraining_output_shapes_and_terms():

@@ -26,10 +26,34 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 from pretrain import main
 
-TINY = ["--launcher", "ray", "--num_workers", "2", "--model_preset", "tiny-resnet", "--max_train_samples", "512",
-        "--max_eval_samples", "200", "--per_device_train_batch_size", "32", "--bunch_size", "64",
-        "--local_crop_size", "8", "--num_local_crops", "2", "--logging_steps", "4", "--report_to", "none",
-        "--save_strategy", "steps", "--save_steps", "4"]
+TINY = [
+    "--launcher",
+    "ray",
+    "--num_workers",
+    "2",
+    "--model_preset",
+    "tiny-resnet",
+    "--max_train_samples",
+    "512",
+    "--max_eval_samples",
+    "200",
+    "--per_device_train_batch_size",
+    "32",
+    "--bunch_size",
+    "64",
+    "--local_crop_size",
+    "8",
+    "--num_local_crops",
+    "2",
+    "--logging_steps",
+    "4",
+    "--report_to",
+    "none",
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +61,12 @@ def ray_cluster():
     """A 2-CPU Ray instance shared by the module's runs (run_ray joins it and leaves it running)."""
     for key, value in RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
-    ray.init(num_cpus=2, runtime_env={"env_vars": {key: os.environ[key] for key in RAY_TRAIN_ENV}},
-             configure_logging=True, logging_level=logging.WARNING)
+    ray.init(
+        num_cpus=2,
+        runtime_env={"env_vars": {key: os.environ[key] for key in RAY_TRAIN_ENV}},
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
     yield
     ray.shutdown()
 
@@ -67,8 +95,9 @@ def test_two_worker_ray_run_leaves_model_results_log_card_and_checkpoints(two_wo
     assert 0.1 < results["knn_top1"] <= 1
     model = AutoModel.from_pretrained(output)
     assert all(torch.isfinite(value).all() for value in model.state_dict().values())
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md",
-            "training_args.json"} <= {path.name for path in output.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "training_args.json"} <= {
+        path.name for path in output.iterdir()
+    }
     log = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == [4, 8, 12, 16, 16]
     assert log[0]["epoch"] == 0.5  # two workers share each epoch
@@ -81,8 +110,22 @@ def test_two_worker_ray_run_leaves_model_results_log_card_and_checkpoints(two_wo
 def test_latest_finds_the_newest_checkpoint_in_ray_storage(two_worker_run, capsys):
     """`--resume_from_checkpoint latest` looks in the Ray storage too; here it continues the Ray run locally."""
     output, _ = two_worker_run
-    assert main([*TINY, "--launcher", "local", "--output_dir", str(output), "--max_steps", "20",
-                 "--resume_from_checkpoint", "latest"]) == 0
+    assert (
+        main(
+            [
+                *TINY,
+                "--launcher",
+                "local",
+                "--output_dir",
+                str(output),
+                "--max_steps",
+                "20",
+                "--resume_from_checkpoint",
+                "latest",
+            ]
+        )
+        == 0
+    )
     assert logged_steps(output)[-3:] == [16, 20, 20]  # the Ray run's final line, then steps 17-20 here
     assert json.loads((output / "all_results.json").read_text())["global_step"] == 20
 
@@ -92,16 +135,21 @@ def test_more_workers_than_the_cluster_has_fails_before_any_worker_starts(ray_cl
     assert main([*TINY, "--output_dir", str(tmp_path / "run"), "--num_workers", "8", "--max_steps", "4"]) == 2
     assert time.perf_counter() - started < 10
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
-    assert errors == [("error: 8 workers need 8 CPU but the Ray cluster has 2. Lower --num_workers or "
-                       "--resources_per_worker, or add nodes.")]
+    assert errors == [
+        (
+            "error: 8 workers need 8 CPU but the Ray cluster has 2. Lower --num_workers or "
+            "--resources_per_worker, or add nodes."
+        )
+    ]
     assert not (tmp_path / "run" / "ray").exists() and not (tmp_path / "run" / "log.jsonl").exists()
     assert not train_workers()
 
 
 def train_workers() -> list[psutil.Process]:
     """This test process's own Ray Train worker processes (other Ray instances on the machine are not ours)."""
-    return [child for child in psutil.Process().children(recursive=True)
-            if "RayTrainWorker" in " ".join(_cmdline(child))]
+    return [
+        child for child in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(_cmdline(child))
+    ]
 
 
 def _cmdline(process: psutil.Process) -> list[str]:
@@ -152,8 +200,21 @@ def test_a_killed_worker_resumes_from_the_last_reported_checkpoint(ray_cluster, 
     output = tmp_path / "run"
     killer = WorkerKiller(output)
     killer.start()
-    code = main([*TINY, "--output_dir", str(output), "--max_steps", "32", "--max_failures", "1",
-                 "--save_total_limit", "3", "--eval_split", ""])
+    code = main(
+        [
+            *TINY,
+            "--output_dir",
+            str(output),
+            "--max_steps",
+            "32",
+            "--max_failures",
+            "1",
+            "--save_total_limit",
+            "3",
+            "--eval_split",
+            "",
+        ]
+    )
     killer.join(timeout=1)
     assert killer.killed_pid is not None, "no checkpoint was reported, or the workers were not found"
     assert code == 0, capsys.readouterr().err[-3000:]
@@ -163,7 +224,7 @@ def test_a_killed_worker_resumes_from_the_last_reported_checkpoint(ray_cluster, 
     assert len(restarts) == 1, log
     resumed_from = log[restarts[0]]["resumed_from_step"]
     assert resumed_from >= killer.checkpoint_step > 0, (resumed_from, killer.checkpoint_step)
-    before, after = [entry["step"] for entry in log[:restarts[0]]], [entry["step"] for entry in log[restarts[0]:]]
+    before, after = [entry["step"] for entry in log[: restarts[0]]], [entry["step"] for entry in log[restarts[0] :]]
     assert before == list(range(4, before[-1] + 1, 4)) and before[-1] >= resumed_from
     assert after == [*range(resumed_from + 4, 33, 4), 32]
     results = json.loads((output / "all_results.json").read_text())

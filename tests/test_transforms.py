@@ -71,8 +71,7 @@ def test_two_view_transform_and_per_view_blur_and_solarize_probabilities():
         return [
             step.p
             for step in view_transform.transforms
-            if isinstance(step, kind)
-            or (isinstance(step, v2.RandomApply) and isinstance(step.transforms[0], kind))
+            if isinstance(step, kind) or (isinstance(step, v2.RandomApply) and isinstance(step.transforms[0], kind))
         ]
 
     assert [probabilities(view, v2.GaussianBlur) for view in transform.view_transforms] == [
@@ -110,9 +109,7 @@ def test_self_labeling_scales_follow_the_spec_and_plug_into_both_transforms():
     assert scales == {"global_scale": (0.14, 1.0), "local_scale": (0.05, 0.14)}
     multi_crop = MultiCropTransform(global_size=16, local_size=8, num_local_crops=1, **scales)
     assert multi_crop.view_transforms[2].transforms[0].scale == (0.05, 0.14)
-    batched = BatchedMultiCrop(
-        mean=(0.5,), std=(0.5,), global_size=16, local_size=8, num_local_crops=1, **scales
-    )
+    batched = BatchedMultiCrop(mean=(0.5,), std=(0.5,), global_size=16, local_size=8, num_local_crops=1, **scales)
     assert batched.scales == [(0.14, 1.0), (0.14, 1.0), (0.05, 0.14)]
 
 
@@ -185,9 +182,7 @@ def test_flip_probability_one_flips_every_view():
     transform = BatchedMultiCrop(
         mean=(0.0,), std=(1.0,), global_size=28, global_scale=(1, 1), flip_probability=1.0, **NO_PHOTOMETRIC
     )
-    torch.testing.assert_close(
-        transform(images)[1][:, 0], images.float().div(255).flip(-1), atol=1e-5, rtol=0
-    )
+    torch.testing.assert_close(transform(images)[1][:, 0], images.float().div(255).flip(-1), atol=1e-5, rtol=0)
 
 
 def test_crop_boxes_follow_the_random_resized_crop_law():
@@ -225,9 +220,7 @@ def test_local_crop_area_statistics_and_sizes():
 
 
 def make_default_crop(seed: int) -> BatchedMultiCrop:
-    return BatchedMultiCrop(
-        mean=(0.3,), std=(0.35,), global_size=28, local_size=12, num_local_crops=2, seed=seed
-    )
+    return BatchedMultiCrop(mean=(0.3,), std=(0.35,), global_size=28, local_size=12, num_local_crops=2, seed=seed)
 
 
 def test_same_seed_gives_same_views_and_different_seeds_differ():

@@ -17,7 +17,7 @@ import yaml
 
 from twist_hf.training.arguments import parse_pretrain_args
 from twist_hf.training.launch import RAY_TRAIN_ENV
-from twist_hf.tune import SearchSpaceError, SweepError, parse_sweep_args, plan_sweep, run_sweep
+from twist_hf.tune import SweepError, parse_sweep_args, plan_sweep, run_sweep
 from twist_hf.tune.runner import concurrent_trials, trial_resources
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,10 +25,21 @@ REPO = Path(__file__).resolve().parents[1]
 # A few steps per epoch of the tiny model on a Fashion-MNIST subset.
 TINY = {
     "base_recipe": str(REPO / "recipes/configs/fmnist.yaml"),
-    "model_preset": "tiny-resnet", "max_train_samples": 256, "max_eval_samples": 200,
-    "per_device_train_batch_size": 32, "bunch_size": 64, "local_crop_size": 8, "num_local_crops": 0,
-    "num_train_epochs": 2, "logging_steps": 4, "report_to": ["none"], "num_workers": 1,
-    "search_space": {"tau": {"grid": [0.2, 0.4]}}, "scheduler": "fifo", "max_concurrent_trials": 1, "num_samples": 1,
+    "model_preset": "tiny-resnet",
+    "max_train_samples": 256,
+    "max_eval_samples": 200,
+    "per_device_train_batch_size": 32,
+    "bunch_size": 64,
+    "local_crop_size": 8,
+    "num_local_crops": 0,
+    "num_train_epochs": 2,
+    "logging_steps": 4,
+    "report_to": ["none"],
+    "num_workers": 1,
+    "search_space": {"tau": {"grid": [0.2, 0.4]}},
+    "scheduler": "fifo",
+    "max_concurrent_trials": 1,
+    "num_samples": 1,
 }
 
 
@@ -109,15 +120,21 @@ def _asha_must_stop(first_epoch_scores: list[float]) -> list[bool]:
     its score is below the median of the scores recorded at the rung so far (its own included)."""
     import numpy as np
 
-    return [score < np.percentile(first_epoch_scores[: index + 1], 50)
-            for index, score in enumerate(first_epoch_scores)]
+    return [
+        score < np.percentile(first_epoch_scores[: index + 1], 50) for index, score in enumerate(first_epoch_scores)
+    ]
 
 
 @pytest.mark.slow
 def test_one_worker_sweep_asha_outputs_and_best_config_round_trip(tmp_path, local_ray):
     # The second trial's kNN memory bank is 4x smaller, so its epoch-1 score is far below the first's.
-    setup = sweep_setup(tmp_path, scheduler="asha", grace_period=1, reduction_factor=2,
-                        search_space={"max_train_samples": {"grid": [256, 64, 128]}, "tau": {"uniform": [0.3, 0.5]}})
+    setup = sweep_setup(
+        tmp_path,
+        scheduler="asha",
+        grace_period=1,
+        reduction_factor=2,
+        search_space={"max_train_samples": {"grid": [256, 64, 128]}, "tau": {"uniform": [0.3, 0.5]}},
+    )
     outcome = run_sweep(setup)
     output = tmp_path / "sweep"
     trials = read_trials(output)
@@ -155,9 +172,23 @@ def _pretrain_runs_best_config(config: Path, output_dir: Path, tau: float) -> No
     args = parse_pretrain_args(["--config", str(config)])
     assert args.model.tau == pytest.approx(tau) and args.training.eval_strategy == "epoch"
     run = subprocess.run(
-        [sys.executable, "recipes/pretrain.py", "--config", str(config), "--launcher", "local",
-         "--output_dir", str(output_dir), "--num_train_epochs", "1"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "recipes/pretrain.py",
+            "--config",
+            str(config),
+            "--launcher",
+            "local",
+            "--output_dir",
+            str(output_dir),
+            "--num_train_epochs",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((output_dir / "config.json").read_text())["tau"] == pytest.approx(tau)
     assert 0 < json.loads((output_dir / "all_results.json").read_text())["knn_top1"] <= 1
@@ -165,8 +196,13 @@ def _pretrain_runs_best_config(config: Path, output_dir: Path, tau: float) -> No
 
 @pytest.mark.slow
 def test_two_worker_trials_run_ray_train_inside_each_trial(tmp_path, local_ray):
-    setup = sweep_setup(tmp_path, num_workers=2, resources_per_worker='{"CPU": 0.5}', num_train_epochs=1,
-                        search_space={"lam2": {"grid": [1.0, 2.0]}})
+    setup = sweep_setup(
+        tmp_path,
+        num_workers=2,
+        resources_per_worker='{"CPU": 0.5}',
+        num_train_epochs=1,
+        search_space={"lam2": {"grid": [1.0, 2.0]}},
+    )
     outcome = run_sweep(setup)
     trials = read_trials(tmp_path / "sweep")
     assert outcome.unfinished == 0 and list(trials["outcome"]) == ["completed", "completed"]
@@ -175,8 +211,10 @@ def test_two_worker_trials_run_ray_train_inside_each_trial(tmp_path, local_ray):
     assert sorted(path.name for path in train_runs.iterdir()) == sorted(trials["trial_id"])
     for trial_dir in map(Path, trials["output_dir"]):
         card = (trial_dir / "README.md").read_text()
-        assert "workers" in card and json.loads((trial_dir / "training_args.json").read_text())[
-            "launch"]["num_workers"] == 2
+        assert (
+            "workers" in card
+            and json.loads((trial_dir / "training_args.json").read_text())["launch"]["num_workers"] == 2
+        )
 
 
 @pytest.mark.slow
@@ -187,16 +225,18 @@ def test_interrupted_sweep_resumes_from_trial_checkpoints(tmp_path, local_ray):
     first = run_sweep(sweep_setup(tmp_path, num_train_epochs=3))
     assert first.unfinished >= 1
 
-    resumed = parse_sweep_args(["--config", str(tmp_path / "sweep.yaml"), "--output_dir", str(tmp_path / "sweep"),
-                                "--resume"])
+    resumed = parse_sweep_args(
+        ["--config", str(tmp_path / "sweep.yaml"), "--output_dir", str(tmp_path / "sweep"), "--resume"]
+    )
     outcome = run_sweep(resumed)
     trials = read_trials(tmp_path / "sweep")
     assert outcome.unfinished == 0 and list(trials["outcome"]) == ["completed", "completed"]
     assert sorted(trials["tau"]) == [0.2, 0.4]
     steps_per_epoch = 256 // 32
     for trial_dir in map(Path, trials["output_dir"]):
-        logged = [json.loads(line)["step"] for line in (trial_dir / "log.jsonl").read_text().splitlines()
-                  if "loss" in line]
+        logged = [
+            json.loads(line)["step"] for line in (trial_dir / "log.jsonl").read_text().splitlines() if "loss" in line
+        ]
         first_epoch_steps = [step for step in logged if step <= steps_per_epoch]
         # A restart from scratch would log the first epoch twice; a resume continues after its checkpoint.
         assert sorted(first_epoch_steps) == sorted(set(first_epoch_steps)) == [4, 8]
@@ -205,6 +245,7 @@ def test_interrupted_sweep_resumes_from_trial_checkpoints(tmp_path, local_ray):
 
 def interrupt_after_first_checkpoint(experiment_path: Path, timeout: float = 240) -> None:
     """Send this process SIGUSR1 (Tune's 'stop and save the sweep' signal) once a trial has checkpointed."""
+
     def watch():
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

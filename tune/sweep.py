@@ -29,8 +29,10 @@ def main(argv: list[str]) -> int:
         print(f"Best config: {outcome.best_config}  ->  python recipes/pretrain.py --config {outcome.best_config}")
         print(f"Best trial: {outcome.best}")
     if outcome.unfinished:
-        print(f"{outcome.unfinished} trial(s) unfinished; continue with: python tune/sweep.py {' '.join(argv)} "
-              f"--resume (outputs in {output})")
+        print(
+            f"{outcome.unfinished} trial(s) unfinished; continue with: python tune/sweep.py {' '.join(argv)} "
+            f"--resume (outputs in {output})"
+        )
         return 1
     return 0
 

@@ -41,14 +41,16 @@ def read_yaml_options(path: str | os.PathLike, sections: Iterable[str] = ()) -> 
     return flat
 
 
-def check_known_options(options: dict, parser: HfArgumentParser, source: str | os.PathLike | None,
-                        help_command: str) -> None:
+def check_known_options(
+    options: dict, parser: HfArgumentParser, source: str | os.PathLike | None, help_command: str
+) -> None:
     """Reject option names the parser does not have, naming them and where to find the list."""
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(f"Unknown option(s) in {source}: {', '.join(unknown)}. Run `{help_command} --help` for "
-                         "the list.")
+        raise ValueError(
+            f"Unknown option(s) in {source}: {', '.join(unknown)}. Run `{help_command} --help` for the list."
+        )
 
 
 def set_option_defaults(parser: HfArgumentParser, options: dict) -> None:
@@ -59,8 +61,9 @@ def set_option_defaults(parser: HfArgumentParser, options: dict) -> None:
             action.required = False
 
 
-def parse_with_config(parser: HfArgumentParser, argv: Sequence[str] | None, help_command: str,
-                      sections: Iterable[str] = ()) -> tuple:
+def parse_with_config(
+    parser: HfArgumentParser, argv: Sequence[str] | None, help_command: str, sections: Iterable[str] = ()
+) -> tuple:
     """Parse argv into the parser's dataclasses, `--config` YAML values first, flags on top."""
     config_path, rest = split_config_flag(list(argv) if argv is not None else [])
     if config_path is not None:

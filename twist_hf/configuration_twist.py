@@ -42,7 +42,10 @@ TWIST_PRESETS: dict[str, dict] = {
     "vit-b16": {"backbone_config": _timm_vit("vit_base_patch16_224", 0.1), **_IMAGENET, **_VIT_HEAD},
     "fmnist-resnet": {
         "backbone_config": _resnet(
-            embedding_size=16, hidden_sizes=[32, 64, 128], depths=[1, 1, 1], layer_type="basic",
+            embedding_size=16,
+            hidden_sizes=[32, 64, 128],
+            depths=[1, 1, 1],
+            layer_type="basic",
             downsample_in_first_stage=True,
         ),
         "small_image_stem": True,

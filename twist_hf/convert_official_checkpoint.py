@@ -138,9 +138,7 @@ def load_checkpoint_safely(path: str | Path) -> Any:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         refused = next((line for line in lines if "GLOBAL" in line), None)
         if refused is None:
-            detail = next(
-                (line for line in lines if line.startswith("Unsupported")), lines[-1] if lines else ""
-            )
+            detail = next((line for line in lines if line.startswith("Unsupported")), lines[-1] if lines else "")
             raise ConversionError(f"{path} is not a readable PyTorch checkpoint: {detail}") from error
         raise ConversionError(
             f"Refusing to load {path}: it holds a Python object other than tensors, plain containers and "
@@ -156,9 +154,7 @@ def read_source_network(path: str | Path, use_teacher: bool = False) -> SourceNe
     path = Path(path)
     content = load_checkpoint_safely(path)
     if not isinstance(content, Mapping):
-        raise ConversionError(
-            f"{path} holds a {type(content).__name__}, not a checkpoint dict or state dict."
-        )
+        raise ConversionError(f"{path} holds a {type(content).__name__}, not a checkpoint dict or state dict.")
     if use_teacher and not _is_state_dict(content.get("teacher")):
         raise ConversionError(
             f"{path} has no `teacher` network (only momentum-encoder runs save one); drop --use_teacher."
@@ -179,11 +175,7 @@ def read_source_network(path: str | Path, use_teacher: bool = False) -> SourceNe
 
 
 def _is_state_dict(value: Any) -> bool:
-    return (
-        isinstance(value, Mapping)
-        and bool(value)
-        and all(isinstance(v, torch.Tensor) for v in value.values())
-    )
+    return isinstance(value, Mapping) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
 def _network_state(content: Mapping, network_key: str, path: Path) -> tuple[Mapping[str, torch.Tensor], str]:
@@ -206,9 +198,7 @@ def _strip_module_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch
     for key, tensor in state.items():
         name = ".".join(part for part in key.split(".") if part != "module")
         if name in stripped:
-            raise ConversionError(
-                f"Keys clash once `module.` is removed: {key!r} and another key give {name!r}."
-            )
+            raise ConversionError(f"Keys clash once `module.` is removed: {key!r} and another key give {name!r}.")
         stripped[name] = tensor
     return stripped
 
@@ -276,17 +266,13 @@ def resnet_geometry(backbone: Mapping[str, torch.Tensor]) -> dict[str, Any]:
             blocks.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
     stages = sorted(blocks)
     if not stages or stages != list(range(1, len(stages) + 1)):
-        raise ConversionError(
-            f"A torchvision ResNet has stages layer1, layer2, ...; these keys have {stages}."
-        )
+        raise ConversionError(f"A torchvision ResNet has stages layer1, layer2, ...; these keys have {stages}.")
     bottleneck = "layer1.0.conv3.weight" in backbone
     last_conv = "conv3" if bottleneck else "conv2"
     try:
         widths = [backbone[f"layer{stage}.0.{last_conv}.weight"].shape[0] for stage in stages]
     except KeyError as error:
-        raise ConversionError(
-            f"A ResNet block lacks its last convolution: {error.args[0]} is missing."
-        ) from error
+        raise ConversionError(f"A ResNet block lacks its last convolution: {error.args[0]} is missing.") from error
     return {
         "embedding_size": backbone["conv1.weight"].shape[0],
         "hidden_sizes": widths,
@@ -320,9 +306,7 @@ def _vit_image_size(backbone: Mapping[str, torch.Tensor]) -> int:
     patches = backbone["pos_embed"].shape[1] - 1
     grid = math.isqrt(patches)
     if grid * grid != patches:
-        raise ConversionError(
-            f"pos_embed holds {patches} patch positions plus a class token: not a square grid."
-        )
+        raise ConversionError(f"pos_embed holds {patches} patch positions plus a class token: not a square grid.")
     return grid * backbone["patch_embed.proj.weight"].shape[-1]
 
 
@@ -339,9 +323,7 @@ def build_config(
     """
     notes = [f"architecture: {architecture.description} -> preset {architecture.preset!r}"]
     if not architecture.matches_preset:
-        notes.append(
-            f"WARNING: not the paper's {architecture.preset}; the model follows the checkpoint's keys"
-        )
+        notes.append(f"WARNING: not the paper's {architecture.preset}; the model follows the checkpoint's keys")
     if source.has_head:
         fields = _head_fields_from_tensors(source.tensors, num_classes, head_hidden_size, notes)
     else:
@@ -388,9 +370,7 @@ def _head_fields_from_tensors(
         fields["head_norm"] = "none"
     has_last_norm = f"{SOURCE_HEAD_PREFIX}norm.running_mean" in tensors
     fields["last_norm"] = "bunch" if has_last_norm else "none"
-    notes.append(
-        f"head_norm = {fields['head_norm']}, last_norm = {fields['last_norm']}: from the head's tensors"
-    )
+    notes.append(f"head_norm = {fields['head_norm']}, last_norm = {fields['last_norm']}: from the head's tensors")
     return fields
 
 
@@ -512,9 +492,7 @@ def _mismatch_error(unused: list[str], missing: list[str], mismatched: list[str]
             lines += [f"  {key}" for key in keys[:_MAX_LISTED_KEYS]]
             if len(keys) > _MAX_LISTED_KEYS:
                 lines.append(f"  ... and {len(keys) - _MAX_LISTED_KEYS} more")
-    lines.append(
-        "Check --arch (or leave it out to detect the architecture from the keys) and the file itself."
-    )
+    lines.append("Check --arch (or leave it out to detect the architecture from the keys) and the file itself.")
     return ConversionError("\n".join(lines))
 
 
@@ -666,25 +644,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("checkpoint", type=Path, help="the authors' .pth file")
     parser.add_argument("output_dir", type=Path, help="folder to save the converted model in")
-    parser.add_argument(
-        "--arch", choices=ARCHITECTURES, help="force the architecture instead of detecting it"
-    )
+    parser.add_argument("--arch", choices=ARCHITECTURES, help="force the architecture instead of detecting it")
     parser.add_argument(
         "--use_teacher",
         action="store_true",
         help="convert the momentum teacher of a full checkpoint instead of the student",
     )
     parser.add_argument("--num_classes", type=int, help="K of the fresh head of a backbone-only checkpoint")
-    parser.add_argument(
-        "--head_hidden_size", type=int, help="H of the fresh head of a backbone-only checkpoint"
-    )
+    parser.add_argument("--head_hidden_size", type=int, help="H of the fresh head of a backbone-only checkpoint")
     parser.add_argument("--seed", type=int, default=0, help="seed of a fresh head's initialisation")
-    parser.add_argument(
-        "--dataset", default="imagenet-1k", help="pretraining dataset named in the model card"
-    )
-    parser.add_argument(
-        "--push_to_hub", action="store_true", help="upload the folder to the Hugging Face Hub"
-    )
+    parser.add_argument("--dataset", default="imagenet-1k", help="pretraining dataset named in the model card")
+    parser.add_argument("--push_to_hub", action="store_true", help="upload the folder to the Hugging Face Hub")
     parser.add_argument("--hub_model_id", help="Hub repo to push to, 'namespace/name'")
     parser.add_argument("--hub_private_repo", action="store_true", help="create the Hub repo as private")
     parser.add_argument("--hub_token", help="Hub token (default: HF_TOKEN or the `hf auth login` token)")

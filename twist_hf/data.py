@@ -73,9 +73,7 @@ def read_idx(path: str | os.PathLike, expected_magic: int) -> np.ndarray:
     with opener(path, "rb") as handle:
         raw = handle.read()
     if len(raw) < 4:
-        raise ValueError(
-            f"IDX file {path} is only {len(raw)} bytes long; it is truncated or not an IDX file."
-        )
+        raise ValueError(f"IDX file {path} is only {len(raw)} bytes long; it is truncated or not an IDX file.")
     magic = int.from_bytes(raw[:4], "big")
     if magic != expected_magic:
         raise ValueError(
@@ -112,9 +110,7 @@ def _cached_fashion_mnist_arrays(split: str, root: str) -> tuple[np.ndarray, np.
     images = read_idx(images_path, _IDX_IMAGES_MAGIC)
     labels = read_idx(labels_path, _IDX_LABELS_MAGIC).astype(np.int64)
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(
-            f"{images_path} should hold uint8 images (N, H, W), got {images.dtype} {images.shape}."
-        )
+        raise ValueError(f"{images_path} should hold uint8 images (N, H, W), got {images.dtype} {images.shape}.")
     if labels.shape != (images.shape[0],):
         raise ValueError(f"{labels_path} holds {labels.shape} labels for {images.shape[0]} images.")
     images.setflags(write=False)
@@ -158,9 +154,7 @@ def channel_mean_std(images: np.ndarray | torch.Tensor) -> tuple[tuple[float, ..
     Computed exactly from 256-bin histograms, so it needs no float copy of the images."""
     pixels = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if pixels.dtype != np.uint8 or pixels.ndim not in (3, 4):
-        raise ValueError(
-            f"Expected uint8 images (N, H, W) or (N, C, H, W), got {pixels.dtype} {pixels.shape}."
-        )
+        raise ValueError(f"Expected uint8 images (N, H, W) or (N, C, H, W), got {pixels.dtype} {pixels.shape}.")
     channels = [pixels] if pixels.ndim == 3 else [pixels[:, channel] for channel in range(pixels.shape[1])]
     levels = np.arange(256, dtype=np.float64) / 255.0
     means, stds = [], []
@@ -186,14 +180,10 @@ def _check_local_path(path: str, argument: str, hint: str) -> None:
     if "://" in path:
         return
     if not glob(os.path.expanduser(path), recursive=True):
-        raise FileNotFoundError(
-            f"{argument}={path!r} does not exist (or the pattern matches no file). {hint}"
-        )
+        raise FileNotFoundError(f"{argument}={path!r} does not exist (or the pattern matches no file). {hint}")
 
 
-def _check_builder_arguments(
-    name: str, data_dir: str | None, data_files: str | Sequence[str] | dict | None
-) -> None:
+def _check_builder_arguments(name: str, data_dir: str | None, data_files: str | Sequence[str] | dict | None) -> None:
     """Validate the local paths a file-format builder (imagefolder, parquet, ...) needs before datasets runs.
 
     For Hub ids, data_dir and data_files are paths inside the dataset repository and are not checked here."""
@@ -205,9 +195,7 @@ def _check_builder_arguments(
             "or train/ and test/ split folders) or data_files=."
         )
     if name == "parquet" and data_files is None and data_dir is None:
-        raise ValueError(
-            "load_image_dataset('parquet') needs data_files= (a path, glob or list of .parquet files)."
-        )
+        raise ValueError("load_image_dataset('parquet') needs data_files= (a path, glob or list of .parquet files).")
     if data_dir is not None:
         _check_local_path(str(data_dir), "data_dir", "Pass an existing folder of images.")
     if data_files is not None:
@@ -297,9 +285,7 @@ def find_label_column(features: datasets.Features, name: str | None = None) -> s
         if name not in features:
             raise KeyError(f"Label column {name!r} not in the dataset; its columns are {list(features)}.")
         return name
-    class_labels = [
-        column for column, feature in features.items() if isinstance(feature, datasets.ClassLabel)
-    ]
+    class_labels = [column for column, feature in features.items() if isinstance(feature, datasets.ClassLabel)]
     if class_labels:
         return class_labels[0]
     for column in ("label", "labels", "fine_label", "class", "target"):
@@ -413,9 +399,7 @@ def decode_image_or_reason(
     value: Any, alpha: Literal["white", "drop"] = "white"
 ) -> tuple[PILImage.Image | None, str | None]:
     """Decode like `decode_image`, returning (image, None) or (None, why it was skipped)."""
-    if value is None or (
-        isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None
-    ):
+    if value is None or (isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None):
         return None, "missing value"
     if not isinstance(value, _IMAGE_VALUE_TYPES):
         raise TypeError(
@@ -547,9 +531,7 @@ def decode_to_uint8_array(
 
 def _check_rank(rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(
-            f"Need 0 <= rank < world_size and world_size >= 1, got rank={rank}, world_size={world_size}."
-        )
+        raise ValueError(f"Need 0 <= rank < world_size and world_size >= 1, got rank={rank}, world_size={world_size}.")
 
 
 def shard_for_rank(

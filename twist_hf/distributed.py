@@ -86,8 +86,7 @@ def bunch_group(ranks_per_group: int):
     key = (size, ranks_per_group)
     if key not in _BUNCH_GROUPS:
         groups = [
-            dist.new_group(list(range(start, start + ranks_per_group)))
-            for start in range(0, size, ranks_per_group)
+            dist.new_group(list(range(start, start + ranks_per_group))) for start in range(0, size, ranks_per_group)
         ]
         _BUNCH_GROUPS[key] = groups
     return _BUNCH_GROUPS[key][rank() // ranks_per_group]
@@ -125,8 +124,9 @@ class BunchBatchNorm(nn.Module):
     it holds several bunches. ``mode="global"``: over every rank's samples. Eval mode uses running stats.
     """
 
-    def __init__(self, num_features: int, mode: str = "bunch", bunch_size: int = 256, eps: float = 1e-5,
-                 momentum: float = 0.1):
+    def __init__(
+        self, num_features: int, mode: str = "bunch", bunch_size: int = 256, eps: float = 1e-5, momentum: float = 0.1
+    ):
         super().__init__()
         if mode not in ("bunch", "global"):
             raise ValueError(f"BunchBatchNorm mode must be 'bunch' or 'global', got {mode!r}.")

@@ -186,9 +186,7 @@ class HubPusher:
     def _submit(self, job: _PushJob) -> None:
         with self._condition:
             if self._pending is not None:
-                logger.info(
-                    "Hub push of %s superseded by %s before it started", self._pending.label, job.label
-                )
+                logger.info("Hub push of %s superseded by %s before it started", self._pending.label, job.label)
                 shutil.rmtree(self._pending.staging, ignore_errors=True)
             self._pending = job
             self._condition.notify_all()
@@ -254,9 +252,7 @@ class HubPusher:
         if self.hub_revision != "main":
             self._api.create_branch(repo.repo_id, branch=self.hub_revision, exist_ok=True)
         info = self._api.repo_info(repo.repo_id, revision=self.hub_revision)
-        local = sorted(
-            str(path.relative_to(staging).as_posix()) for path in staging.rglob("*") if path.is_file()
-        )
+        local = sorted(str(path.relative_to(staging).as_posix()) for path in staging.rglob("*") if path.is_file())
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=staging / name) for name in local]
         if (staging / CHECKPOINT_FOLDER).is_dir():
             remote = [sibling.rfilename for sibling in info.siblings or []]
@@ -282,9 +278,7 @@ class HubPusher:
             )
             return PushSummary(self.hub_model_id, False, results, message)
         if not results:
-            return PushSummary(
-                self.hub_model_id, True, results, f"Hub push to {self.hub_model_id}: nothing pushed."
-            )
+            return PushSummary(self.hub_model_id, True, results, f"Hub push to {self.hub_model_id}: nothing pushed.")
         last = results[-1]
         verdict = "up to date" if last.ok else "NOT up to date, the local copy is complete"
         message = f"Hub push to {self.hub_model_id}: {verdict}; last push {last}"
@@ -293,9 +287,7 @@ class HubPusher:
 
 def _check_options(hub_model_id: str, hub_strategy: str, push_timeout: float) -> None:
     if not _REPO_ID.fullmatch(hub_model_id or ""):
-        raise ValueError(
-            f"hub_model_id {hub_model_id!r} is not a Hub repo id: use 'name' or 'namespace/name'."
-        )
+        raise ValueError(f"hub_model_id {hub_model_id!r} is not a Hub repo id: use 'name' or 'namespace/name'.")
     if hub_strategy not in HUB_STRATEGIES:
         raise ValueError(f"hub_strategy {hub_strategy!r} is not one of {', '.join(HUB_STRATEGIES)}.")
     if push_timeout <= 0:

@@ -56,8 +56,9 @@ def _global_reduce(parts: list[torch.Tensor], batch_size: int) -> list[torch.Ten
     return list(torch.split(reduced, [part.numel() for part in parts]))
 
 
-def twist_loss(logits: torch.Tensor, tau: float = 1.0, lam1: float = 0.0, lam2: float = 1.0,
-               eps: float = 1e-5) -> TwistLossTerms:
+def twist_loss(
+    logits: torch.Tensor, tau: float = 1.0, lam1: float = 0.0, lam2: float = 1.0, eps: float = 1e-5
+) -> TwistLossTerms:
     """TWIST loss over views (V, B, K): two views, or multi-crop with the sparse pairing."""
     check_view_logits(logits)
     num_views, batch, num_classes = logits.shape
@@ -76,8 +77,14 @@ def twist_loss(logits: torch.Tensor, tau: float = 1.0, lam1: float = 0.0, lam2: 
     return TwistLossTerms(loss=kl + (1 + lam1) * eh - lam2 * he, kl=kl, eh=eh, he=he)
 
 
-def momentum_twist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0,
-                        lam1: float = -0.6, lam2: float = 1.0, eps: float = 1e-5) -> TwistLossTerms:
+def momentum_twist_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    tau: float = 1.0,
+    lam1: float = -0.6,
+    lam2: float = 1.0,
+    eps: float = 1e-5,
+) -> TwistLossTerms:
     """Momentum-encoder TWIST: KL(q_teacher_i || q_student_j) over i != j; eh, he over student views."""
     check_view_logits(student_logits)
     check_view_logits(teacher_logits)

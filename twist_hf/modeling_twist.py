@@ -126,7 +126,11 @@ def _build_backbone(config: TwistConfig) -> PreTrainedModel:
     if config.small_image_stem:
         stem = backbone.embedder.embedder
         stem.convolution = nn.Conv2d(
-            backbone_config.num_channels, backbone_config.embedding_size, kernel_size=3, stride=1, padding=1,
+            backbone_config.num_channels,
+            backbone_config.embedding_size,
+            kernel_size=3,
+            stride=1,
+            padding=1,
             bias=False,
         )
         backbone.embedder.pooler = nn.Identity()
@@ -235,8 +239,13 @@ class TwistModel(TwistPreTrainedModel):
                 features[index] = chunk
         return torch.cat(features)
 
-    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
-                return_dict: bool | None = None, **kwargs) -> TwistModelOutput | tuple:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> TwistModelOutput | tuple:
         if pixel_values is None:
             raise ValueError("TwistModel needs `pixel_values` of shape (batch, channels, height, width).")
         outputs = self.encode(pixel_values, output_hidden_states=bool(output_hidden_states))
@@ -279,9 +288,15 @@ class TwistForPreTraining(TwistPreTrainedModel):
             convert_to_distributed_batch_norm(self.twist)
         self.post_init()
 
-    def forward(self, pixel_values: list[torch.Tensor] | torch.Tensor, teacher_logits: torch.Tensor | None = None,
-                self_label_quantile: float | None = None, return_loss: bool = True,
-                return_dict: bool | None = None, **kwargs) -> TwistForPreTrainingOutput | tuple:
+    def forward(
+        self,
+        pixel_values: list[torch.Tensor] | torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+        self_label_quantile: float | None = None,
+        return_loss: bool = True,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> TwistForPreTrainingOutput | tuple:
         """Views `[global0, global1, *locals]` -> per-view logits and, by default, the loss.
 
         `teacher_logits` (2, B, K) switches to the momentum-encoder loss; `self_label_quantile` to the
@@ -311,8 +326,9 @@ class TwistForPreTraining(TwistPreTrainedModel):
                     "Change bunch_size or the per-device batch size."
                 )
 
-    def _fill_loss(self, output: TwistForPreTrainingOutput, teacher_logits: torch.Tensor | None,
-                   self_label_quantile: float | None) -> None:
+    def _fill_loss(
+        self, output: TwistForPreTrainingOutput, teacher_logits: torch.Tensor | None, self_label_quantile: float | None
+    ) -> None:
         if self_label_quantile is not None:
             output.loss, output.self_label_fraction = self_label_loss(output.logits, self_label_quantile)
             return
@@ -346,9 +362,14 @@ class TwistForImageClassification(TwistPreTrainedModel):
         else:
             super()._init_weights(module)
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
-                output_hidden_states: bool | None = None, return_dict: bool | None = None,
-                **kwargs) -> ImageClassifierOutput | tuple:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
         outputs = self.twist(pixel_values, output_hidden_states=output_hidden_states)
         logits = self.classifier(outputs.pooler_output)
         loss = None

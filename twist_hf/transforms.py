@@ -50,9 +50,7 @@ def _check_probability(name: str, probability: float) -> float:
 
 def _check_view_probabilities(name: str, probabilities: Sequence[float]) -> tuple[float, float, float]:
     if len(probabilities) != 3:
-        raise ValueError(
-            f"{name} needs 3 probabilities (global view 0, global view 1, locals), got {probabilities}."
-        )
+        raise ValueError(f"{name} needs 3 probabilities (global view 0, global view 1, locals), got {probabilities}.")
     first, second, local = (_check_probability(name, probability) for probability in probabilities)
     return first, second, local
 
@@ -153,9 +151,7 @@ def _view_pipeline(
             v2.RandomHorizontalFlip(p=flip_probability),
             v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=jitter_probability),
             v2.RandomGrayscale(p=grayscale_probability),
-            v2.RandomApply(
-                [v2.GaussianBlur(_blur_kernel_size(size), sigma=tuple(blur_sigma))], p=blur_probability
-            ),
+            v2.RandomApply([v2.GaussianBlur(_blur_kernel_size(size), sigma=tuple(blur_sigma))], p=blur_probability),
             v2.RandomSolarize(threshold=128, p=solarize_probability),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(mean), std=list(std)),
@@ -169,13 +165,9 @@ def _to_uint8_rgb(image: PILImage.Image | torch.Tensor | Any) -> torch.Tensor:
         image = image.convert("RGB")
     tensor = v2.functional.to_image(image)
     if tensor.dtype != torch.uint8:
-        raise ValueError(
-            f"Expected a uint8 image, got {tensor.dtype}; convert with (x * 255).round().to(torch.uint8)."
-        )
+        raise ValueError(f"Expected a uint8 image, got {tensor.dtype}; convert with (x * 255).round().to(torch.uint8).")
     if tensor.shape[0] not in (1, 3):
-        raise ValueError(
-            f"Expected 1 or 3 channels, got {tensor.shape[0]} (shape {tuple(tensor.shape)}); drop alpha."
-        )
+        raise ValueError(f"Expected 1 or 3 channels, got {tensor.shape[0]} (shape {tuple(tensor.shape)}); drop alpha.")
     return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
 
 
@@ -209,9 +201,7 @@ def eval_transform(
 def _uint8_batch_to_float(images: torch.Tensor) -> torch.Tensor:
     """Check a uint8 batch (B, H, W) or (B, C, H, W) with C in {1, 3} and scale it to float (B, C, H, W)."""
     if images.dtype != torch.uint8 or images.ndim not in (3, 4):
-        raise ValueError(
-            f"Expected uint8 images (B, H, W) or (B, C, H, W), got {images.dtype} {tuple(images.shape)}."
-        )
+        raise ValueError(f"Expected uint8 images (B, H, W) or (B, C, H, W), got {images.dtype} {tuple(images.shape)}.")
     if images.ndim == 3:
         images = images.unsqueeze(1)
     if images.shape[1] not in (1, 3):
@@ -233,9 +223,7 @@ def batched_eval_transform(
     """Fast eval path for in-memory uint8 images: resize (bilinear, antialiased) to size, normalise, 3 channels."""
     pixels = _uint8_batch_to_float(images)
     if pixels.shape[-2:] != (size, size):
-        pixels = F.interpolate(
-            pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )
+        pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     mean_tensor = torch.tensor(mean, dtype=pixels.dtype, device=pixels.device)
     std_tensor = torch.tensor(std, dtype=pixels.dtype, device=pixels.device)
     return _normalised_three_channels(pixels, mean_tensor, std_tensor)
@@ -280,9 +268,7 @@ def sample_crop_boxes(
     )
 
 
-def _centre_crop_box(
-    height: int, width: int, ratio: tuple[float, float]
-) -> tuple[float, float, float, float]:
+def _centre_crop_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[float, float, float, float]:
     """RandomResizedCrop's fallback: the largest centred box whose aspect ratio lies within `ratio`."""
     in_ratio = width / height
     if in_ratio < ratio[0]:
@@ -383,15 +369,11 @@ class BatchedMultiCrop:
         seed: int = 0,
     ) -> None:
         if num_local_crops < 0 or (num_local_crops > 0 and local_size is None):
-            raise ValueError(
-                f"num_local_crops={num_local_crops} needs to be >= 0, and local_size set when > 0."
-            )
+            raise ValueError(f"num_local_crops={num_local_crops} needs to be >= 0, and local_size set when > 0.")
         if len(mean) != len(std) or len(mean) not in (1, 3) or min(std) <= 0:
             raise ValueError(f"mean and std need 1 or 3 values each and std > 0, got mean={mean}, std={std}.")
         if len(jitter_strength) != 3 or min(jitter_strength) < 0:
-            raise ValueError(
-                f"jitter_strength is (brightness, contrast, saturation) >= 0, got {jitter_strength}."
-            )
+            raise ValueError(f"jitter_strength is (brightness, contrast, saturation) >= 0, got {jitter_strength}.")
         if interpolation not in ("bilinear", "bicubic"):
             raise ValueError(f"interpolation must be 'bilinear' or 'bicubic', got {interpolation!r}.")
         self.mean = torch.tensor(mean, dtype=torch.float32)
@@ -407,9 +389,7 @@ class BatchedMultiCrop:
         self.grayscale_probability = _check_probability("grayscale_probability", grayscale_probability)
         self.blur_probabilities = _check_view_probabilities("blur_probabilities", blur_probabilities)
         self.blur_sigma = _check_scale_range("blur_sigma", blur_sigma)
-        self.solarize_probabilities = _check_view_probabilities(
-            "solarize_probabilities", solarize_probabilities
-        )
+        self.solarize_probabilities = _check_view_probabilities("solarize_probabilities", solarize_probabilities)
         self.interpolation = interpolation
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -459,9 +439,7 @@ class BatchedMultiCrop:
         chosen = chosen.to(crops.device).view(-1, 1, 1, 1)
         return torch.where(chosen, _grayscale(crops).expand_as(crops), crops)
 
-    def _random_blur(
-        self, crops: torch.Tensor, probability: float, generator: torch.Generator
-    ) -> torch.Tensor:
+    def _random_blur(self, crops: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
         chosen = _bernoulli(crops.shape[0], probability, generator)
         sigma = torch.empty(crops.shape[0]).uniform_(*self.blur_sigma, generator=generator)
         if not chosen.any():

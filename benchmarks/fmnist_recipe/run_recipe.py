@@ -26,8 +26,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2, help="DDP workers the run stands in for (clock divisor)")
     parser.add_argument("--epochs", type=float, default=2.0)
-    parser.add_argument("--time-budget", type=float, default=None,
-                        help="train for this many seconds, lr schedule on elapsed time (ranking runs)")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="train for this many seconds, lr schedule on elapsed time (ranking runs)",
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="global batch size")
     parser.add_argument("--embedding-size", type=int, default=32)
     parser.add_argument("--hidden-sizes", default="32,64,128")
@@ -140,11 +144,19 @@ def main() -> None:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     crops = BatchedMultiCrop(
-        mean=config.image_mean[:1], std=config.image_std[:1], global_size=28, local_size=args.local_size,
-        num_local_crops=args.num_local, global_scale=floats(args.global_scale),
-        local_scale=floats(args.local_scale), jitter_strength=floats(args.jitter),
-        jitter_probability=args.jitter_p, grayscale_probability=0.0,
-        blur_probabilities=floats(args.blur), solarize_probabilities=floats(args.solarize), seed=args.seed,
+        mean=config.image_mean[:1],
+        std=config.image_std[:1],
+        global_size=28,
+        local_size=args.local_size,
+        num_local_crops=args.num_local,
+        global_scale=floats(args.global_scale),
+        local_scale=floats(args.local_scale),
+        jitter_strength=floats(args.jitter),
+        jitter_probability=args.jitter_p,
+        grayscale_probability=0.0,
+        blur_probabilities=floats(args.blur),
+        solarize_probabilities=floats(args.solarize),
+        seed=args.seed,
     )
     optimizer = build_optimizer(args, model)
     steps_per_epoch = len(train_images) // args.batch_size
@@ -162,7 +174,7 @@ def main() -> None:
         for begin in range(0, len(order) - args.batch_size + 1, args.batch_size):
             if step >= total_steps:
                 break
-            views = crops(train_images[order[begin:begin + args.batch_size]])
+            views = crops(train_images[order[begin : begin + args.batch_size]])
             if args.channels_last:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             if args.time_budget is None:
@@ -180,11 +192,20 @@ def main() -> None:
             seen += args.batch_size
             if step % 50 == 0:
                 elapsed = effective_seconds(args.workers) - cpu_start
-                entry = (step, round(elapsed, 1), round(output.loss.item(), 3), round(output.kl_loss.item(), 3),
-                         round(output.eh_loss.item(), 3), round(output.he_loss.item(), 3))
+                entry = (
+                    step,
+                    round(elapsed, 1),
+                    round(output.loss.item(), 3),
+                    round(output.kl_loss.item(), 3),
+                    round(output.eh_loss.item(), 3),
+                    round(output.he_loss.item(), 3),
+                )
                 log.append(entry)
-                print(f"step {entry[0]}/{total_steps} t={entry[1]}s loss={entry[2]} kl={entry[3]} "
-                      f"eh={entry[4]} he={entry[5]} img/s={seen / elapsed:.0f}", flush=True)
+                print(
+                    f"step {entry[0]}/{total_steps} t={entry[1]}s loss={entry[2]} kl={entry[3]} "
+                    f"eh={entry[4]} he={entry[5]} img/s={seen / elapsed:.0f}",
+                    flush=True,
+                )
             if args.time_budget is not None and effective_seconds(args.workers) - cpu_start >= args.time_budget:
                 total_steps = step
         if not math.isfinite(output.loss.item()):
@@ -197,15 +218,26 @@ def main() -> None:
     eval_start = time.perf_counter()
     train_features = features(backbone, train_images, mean, std, args.channels_last)
     test_features = features(backbone, test_images, mean, std, args.channels_last)
-    metrics = knn_evaluate(train_features, torch.from_numpy(train_labels).long(), test_features,
-                           torch.from_numpy(test_labels).long(), num_classes=10, ks=(20,))
+    metrics = knn_evaluate(
+        train_features,
+        torch.from_numpy(train_labels).long(),
+        test_features,
+        torch.from_numpy(test_labels).long(),
+        num_classes=10,
+        ks=(20,),
+    )
     result = {
-        "name": args.name, "knn_top1": round(metrics["knn_top1"], 4), "train_s": round(train_seconds, 1),
+        "name": args.name,
+        "knn_top1": round(metrics["knn_top1"], 4),
+        "train_s": round(train_seconds, 1),
         "wall_s": round(wall_seconds, 1),
-        "img_per_s": round(seen / train_seconds), "steps": step, "epochs_done": round(seen / len(train_images), 2),
+        "img_per_s": round(seen / train_seconds),
+        "steps": step,
+        "epochs_done": round(seen / len(train_images), 2),
         "eval_s": round(time.perf_counter() - eval_start, 1),
         "params_m": round(sum(p.numel() for p in backbone.backbone.parameters()) / 1e6, 3),
-        "final_loss": log[-1][2:] if log else None, "args": vars(args),
+        "final_loss": log[-1][2:] if log else None,
+        "args": vars(args),
     }
     print(json.dumps(result), flush=True)
     with open(args.results, "a") as handle:

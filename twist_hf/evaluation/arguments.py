@@ -16,17 +16,13 @@ class EvalArguments:
     """What to evaluate, on which data, and where the results go."""
 
     model: str = field(metadata={"help": "Model folder or Hub id: a TWIST model or any HF vision model."})
-    dataset: str = field(
-        metadata={"help": "Hub dataset id, an image folder (class subfolders), or fashion-mnist."}
-    )
+    dataset: str = field(metadata={"help": "Hub dataset id, an image folder (class subfolders), or fashion-mnist."})
     protocol: Literal["knn", "linear", "semi", "cluster", "all"] = field(
         default="all", metadata={"help": "Protocol to run; `all` runs every one that applies to the model."}
     )
     output_dir: str | None = field(
         default=None,
-        metadata={
-            "help": "Where eval_results.json and figures go (default: the model folder or eval_outputs/<id>)."
-        },
+        metadata={"help": "Where eval_results.json and figures go (default: the model folder or eval_outputs/<id>)."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name, if any."})
     dataset_name: str | None = field(
@@ -37,9 +33,7 @@ class EvalArguments:
     test_split: str = field(default="test", metadata={"help": "Split the accuracies are reported on."})
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column: str = field(default="label", metadata={"help": "Column holding the class labels."})
-    max_train_samples: int | None = field(
-        default=None, metadata={"help": "Use only the first N training rows."}
-    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_test_samples: int | None = field(default=None, metadata={"help": "Use only the first N test rows."})
     batch_size: int = field(default=256, metadata={"help": "Per-process batch size for feature extraction."})
     num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes."})
@@ -47,9 +41,7 @@ class EvalArguments:
     update_model_card: bool = field(
         default=True, metadata={"help": "Write the metrics into the model folder's README.md model-index."}
     )
-    figures: bool = field(
-        default=True, metadata={"help": "Draw the top-3 and confusion-matrix figures (cluster)."}
-    )
+    figures: bool = field(default=True, metadata={"help": "Draw the top-3 and confusion-matrix figures (cluster)."})
     training_log: str | None = field(
         default=None, metadata={"help": "A pretraining log.jsonl to draw as training_curves.png."}
     )
@@ -74,30 +66,22 @@ class KnnArguments:
 
     knn_k: list[int] = field(default_factory=lambda: [20, 200], metadata={"help": "Numbers of neighbours."})
     knn_temperature: float = field(default=0.07, metadata={"help": "Vote weight exp(cosine / T)."})
-    knn_chunk_size: int = field(
-        default=1024, metadata={"help": "Test rows per similarity chunk (bounds memory)."}
-    )
+    knn_chunk_size: int = field(default=1024, metadata={"help": "Test rows per similarity chunk (bounds memory)."})
 
 
 @dataclass
 class LinearArguments:
     """Linear probe: `fast` on cached features (several lrs at once) or `paper` on augmented images."""
 
-    linear_mode: Literal["fast", "paper"] = field(
-        default="fast", metadata={"help": "Probe on features or images."}
-    )
+    linear_mode: Literal["fast", "paper"] = field(default="fast", metadata={"help": "Probe on features or images."})
     linear_lrs: list[float] = field(
         default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
         metadata={"help": "fast: learning rates trained together; the best on a held-out split is reported."},
     )
     linear_epochs: int = field(default=100, metadata={"help": "Training epochs (both modes)."})
     linear_batch_size: int = field(default=256, metadata={"help": "Per-process training batch size."})
-    linear_val_fraction: float = field(
-        default=0.1, metadata={"help": "fast: held-out share of train for lr choice."}
-    )
-    linear_base_lr: float = field(
-        default=0.2, metadata={"help": "paper: lr per 256 images (SGD, momentum 0.9)."}
-    )
+    linear_val_fraction: float = field(default=0.1, metadata={"help": "fast: held-out share of train for lr choice."})
+    linear_base_lr: float = field(default=0.2, metadata={"help": "paper: lr per 256 images (SGD, momentum 0.9)."})
 
     def __post_init__(self) -> None:
         if self.linear_mode not in ("fast", "paper"):
@@ -119,9 +103,7 @@ class SemiArguments:
         default=None,
         metadata={"help": "Column with the ids named in the subset file (default: image file name)."},
     )
-    semi_epochs: int | None = field(
-        default=None, metadata={"help": "Override the recipe's epochs (20/20/30)."}
-    )
+    semi_epochs: int | None = field(default=None, metadata={"help": "Override the recipe's epochs (20/20/30)."})
     semi_backbone_lr: float | None = field(
         default=None, metadata={"help": "Override the recipe's backbone lr per 256 images (0.04/0.02/0.01)."}
     )
@@ -138,9 +120,7 @@ class SemiArguments:
 class ClusterArguments:
     """Unsupervised classification with the TWIST head."""
 
-    cluster_figure_images: int = field(
-        default=16, metadata={"help": "Images in the top-3 predictions figure."}
-    )
+    cluster_figure_images: int = field(default=16, metadata={"help": "Images in the top-3 predictions figure."})
 
 
 ARGUMENT_CLASSES = (EvalArguments, KnnArguments, LinearArguments, SemiArguments, ClusterArguments)

@@ -15,9 +15,7 @@ from .metrics import topk_accuracy
 UNMATCHED = -1
 
 
-def hungarian_match(
-    clusters: np.ndarray, labels: np.ndarray, num_clusters: int, num_labels: int
-) -> np.ndarray:
+def hungarian_match(clusters: np.ndarray, labels: np.ndarray, num_clusters: int, num_labels: int) -> np.ndarray:
     """Best one-to-one map cluster -> label (maximising agreements); clusters left over map to -1."""
     if num_clusters < num_labels:
         raise ValueError(
@@ -47,9 +45,7 @@ def matched_class_probabilities(probabilities: torch.Tensor, cluster_to_label: n
 def cluster_metrics(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, float]:
     """NMI, AMI, ARI, Hungarian-matched accuracy and matched top-5 accuracy of the head's argmax."""
     if logits.ndim != 2 or labels.shape != (logits.shape[0],):
-        raise ValueError(
-            f"logits must be (N, K) and labels (N,); got {tuple(logits.shape)} and {tuple(labels.shape)}."
-        )
+        raise ValueError(f"logits must be (N, K) and labels (N,); got {tuple(logits.shape)} and {tuple(labels.shape)}.")
     clusters = logits.argmax(dim=1).cpu().numpy()
     truth = labels.cpu().numpy()
     cluster_to_label = hungarian_match(clusters, truth, logits.shape[1], num_labels)

@@ -113,9 +113,7 @@ def class_balanced_subset(labels: np.ndarray, fraction: float, seed: int = 0) ->
     return np.sort(np.concatenate(chosen))
 
 
-def subset_from_file(
-    dataset: Dataset, subset_file: str, image_column: str, id_column: str | None = None
-) -> np.ndarray:
+def subset_from_file(dataset: Dataset, subset_file: str, image_column: str, id_column: str | None = None) -> np.ndarray:
     """Sorted indices of the rows named in `subset_file` (one image id or path per line).
 
     Rows are matched by file name: the `id_column` value when given, else the image's file path.
@@ -139,9 +137,7 @@ def _row_names(dataset: Dataset, image_column: str, id_column: str | None) -> li
     """File name of every row: from the id column, or from the undecoded image's path."""
     if id_column is not None:
         if id_column not in dataset.column_names:
-            raise ValueError(
-                f"No id column {id_column!r} in the training split; it has {dataset.column_names}."
-            )
+            raise ValueError(f"No id column {id_column!r} in the training split; it has {dataset.column_names}.")
         return [Path(str(value)).name for value in dataset[id_column]]
     paths = [image["path"] for image in dataset.cast_column(image_column, Image(decode=False))[image_column]]
     if any(path is None for path in paths):
@@ -168,9 +164,7 @@ def training_augmentation(processor: BaseImageProcessor) -> v2.Compose:
     return v2.Compose(
         [
             v2.ToImage(),
-            v2.RandomResizedCrop(
-                tuple(probe.shape[-2:]), interpolation=v2.InterpolationMode.BICUBIC, antialias=True
-            ),
+            v2.RandomResizedCrop(tuple(probe.shape[-2:]), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
             v2.RandomHorizontalFlip(),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(processor.image_mean), std=list(processor.image_std)),

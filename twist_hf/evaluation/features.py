@@ -65,9 +65,7 @@ def load_feature_model(name_or_path: str) -> tuple[FeatureModel, BaseImageProces
             f"{name_or_path} has no image processor (preprocessor_config.json); save one next to the model "
             "so that evaluation preprocesses images the way the model expects."
         ) from error
-    return FeatureModel(
-        model.eval(), use_pooler=not untrained_pooler, trained_head=not untrained_head
-    ), processor
+    return FeatureModel(model.eval(), use_pooler=not untrained_pooler, trained_head=not untrained_head), processor
 
 
 def extract_features(
@@ -90,9 +88,7 @@ def extract_features(
     accelerator = accelerator or Accelerator()
     collator = ImageClassificationCollator(ProcessorTransform(processor), image_column, label_column)
     loader = accelerator.prepare_data_loader(
-        DataLoader(
-            dataset, batch_size=batch_size, shuffle=False, collate_fn=collator, num_workers=num_workers
-        )
+        DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator, num_workers=num_workers)
     )
     model = model.to(accelerator.device).eval()
     parts: list[dict[str, torch.Tensor]] = []

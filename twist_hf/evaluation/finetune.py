@@ -70,9 +70,7 @@ def train_classifier(
     total_steps, step = epochs * len(loader), 0
     model.train()
     for epoch in range(epochs):
-        progress = tqdm(
-            loader, desc=f"train epoch {epoch + 1}/{epochs}", disable=not accelerator.is_local_main_process
-        )
+        progress = tqdm(loader, desc=f"train epoch {epoch + 1}/{epochs}", disable=not accelerator.is_local_main_process)
         for batch in progress:
             for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
@@ -86,9 +84,7 @@ def train_classifier(
     return accelerator.unwrap_model(model)
 
 
-def evaluate_classifier(
-    model: nn.Module, test_loader: DataLoader, accelerator: Accelerator
-) -> dict[int, float]:
+def evaluate_classifier(model: nn.Module, test_loader: DataLoader, accelerator: Accelerator) -> dict[int, float]:
     """Top-1 / top-5 accuracy of pixel_values -> logits over the whole (gathered) test split."""
     model, loader = accelerator.prepare(model, test_loader)
     model.eval()
@@ -164,9 +160,7 @@ def semi_supervised_finetune(
     """
     accelerator = accelerator or Accelerator()
     if len(train_indices) == 0:
-        raise ValueError(
-            "The semi-supervised label subset is empty; raise the fraction or fix the subset file."
-        )
+        raise ValueError("The semi-supervised label subset is empty; raise the fraction or fix the subset file.")
     train_loader, test_loader = _image_loaders(
         splits, splits.train.select(train_indices), processor, batch_size, num_workers
     )
@@ -197,9 +191,7 @@ def _image_loaders(
     train_collator = ImageClassificationCollator(
         training_augmentation(processor), splits.image_column, splits.label_column
     )
-    test_collator = ImageClassificationCollator(
-        ProcessorTransform(processor), splits.image_column, splits.label_column
-    )
+    test_collator = ImageClassificationCollator(ProcessorTransform(processor), splits.image_column, splits.label_column)
     train_loader = DataLoader(
         train,
         batch_size=batch_size,
@@ -208,7 +200,5 @@ def _image_loaders(
         num_workers=num_workers,
         drop_last=False,
     )
-    test_loader = DataLoader(
-        splits.test, batch_size=batch_size, collate_fn=test_collator, num_workers=num_workers
-    )
+    test_loader = DataLoader(splits.test, batch_size=batch_size, collate_fn=test_collator, num_workers=num_workers)
     return train_loader, test_loader

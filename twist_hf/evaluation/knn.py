@@ -57,9 +57,7 @@ def knn_evaluate(
     chunk_size: int = 1024,
 ) -> dict[str, float]:
     """Top-1 / top-5 kNN accuracy for each k, keyed `knn_k{k}_top{1,5}`, plus `knn_top1/5` of the best k."""
-    votes = knn_class_votes(
-        train_features, train_labels, test_features, num_classes, ks, temperature, chunk_size
-    )
+    votes = knn_class_votes(train_features, train_labels, test_features, num_classes, ks, temperature, chunk_size)
     metrics: dict[str, float] = {}
     for k, class_votes in votes.items():
         accuracy = topk_accuracy(class_votes, test_labels, (1, 5))
@@ -88,9 +86,7 @@ def _check_knn_inputs(
             f"{test_features.shape[1]}; extract both with the same model."
         )
     if train_labels.shape != (train_features.shape[0],):
-        raise ValueError(
-            f"train_labels must have shape ({train_features.shape[0]},), got {tuple(train_labels.shape)}."
-        )
+        raise ValueError(f"train_labels must have shape ({train_features.shape[0]},), got {tuple(train_labels.shape)}.")
     if train_features.shape[0] == 0:
         raise ValueError("kNN needs at least one training sample.")
     if not ks or min(ks) < 1:

@@ -132,9 +132,7 @@ def _holdout_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tupl
     fit, val = train_test_split(
         np.arange(len(label_array)), test_size=val_fraction, random_state=seed, stratify=stratify
     )
-    return torch.as_tensor(np.sort(fit), device=labels.device), torch.as_tensor(
-        np.sort(val), device=labels.device
-    )
+    return torch.as_tensor(np.sort(fit), device=labels.device), torch.as_tensor(np.sort(val), device=labels.device)
 
 
 def _can_stratify(class_counts: np.ndarray, num_val: int) -> bool:
@@ -155,8 +153,6 @@ def _check_probe_inputs(
             f"features must be (N, F) and labels (N,); got {tuple(features.shape)} and {tuple(labels.shape)}."
         )
     if not learning_rates or min(learning_rates) <= 0:
-        raise ValueError(
-            f"learning_rates must be a non-empty list of positive numbers, got {list(learning_rates)}."
-        )
+        raise ValueError(f"learning_rates must be a non-empty list of positive numbers, got {list(learning_rates)}.")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}.")

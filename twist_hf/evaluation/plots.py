@@ -51,9 +51,7 @@ def plot_top3_predictions(
     top = class_probabilities.float().topk(min(3, class_probabilities.shape[1]), dim=1)
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         row, column = divmod(i, columns)
-        _draw_image(
-            figure.add_subplot(grid[row, 2 * column]), image, class_names[label], top.indices[i, 0] == label
-        )
+        _draw_image(figure.add_subplot(grid[row, 2 * column]), image, class_names[label], top.indices[i, 0] == label)
         _draw_top3_bars(
             figure.add_subplot(grid[row, 2 * column + 1]), top.values[i], top.indices[i], label, class_names
         )
@@ -67,9 +65,7 @@ def _draw_image(axes, image: PIL.Image.Image, true_name: str, correct: bool) -> 
     axes.axis("off")
 
 
-def _draw_top3_bars(
-    axes, probabilities: torch.Tensor, classes: torch.Tensor, label: int, class_names
-) -> None:
+def _draw_top3_bars(axes, probabilities: torch.Tensor, classes: torch.Tensor, label: int, class_names) -> None:
     """Horizontal bars of the top predicted classes, most probable on top, true class in green."""
     positions = np.arange(len(classes))
     colors = [CORRECT_COLOR if int(c) == label else OTHER_COLOR for c in classes]
@@ -98,9 +94,7 @@ def plot_confusion_matrix(
     figure = Figure(figsize=(size, size), layout="constrained")
     axes = figure.add_subplot()
     display = ConfusionMatrixDisplay(counts, display_labels=names)
-    display.plot(
-        ax=axes, include_values=len(names) <= 30, xticks_rotation="vertical", colorbar=False, cmap="Blues"
-    )
+    display.plot(ax=axes, include_values=len(names) <= 30, xticks_rotation="vertical", colorbar=False, cmap="Blues")
     axes.set_xlabel("predicted (Hungarian-matched)")
     axes.set_ylabel("true")
     return _save(figure, path)
@@ -135,8 +129,7 @@ def plot_training_curves(log_path: str | Path, path: str | Path) -> Path:
     panels = [(title, curves) for title, curves in panels if curves]
     if not panels:
         raise ValueError(
-            f"{log_path} has no plottable keys; expected some of "
-            "loss, kl_loss, eh_loss, he_loss, knn_top1, lr."
+            f"{log_path} has no plottable keys; expected some of loss, kl_loss, eh_loss, he_loss, knn_top1, lr."
         )
     figure = Figure(figsize=(5.0 * len(panels), 4.0), layout="constrained")
     for axes, (title, curves) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
@@ -151,9 +144,5 @@ def plot_training_curves(log_path: str | Path, path: str | Path) -> Path:
 
 def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
     """(steps, values) of the records that carry `key`; the step is the record's `step` or its line index."""
-    points = [
-        (record.get("step", i), record[key])
-        for i, record in enumerate(records)
-        if record.get(key) is not None
-    ]
+    points = [(record.get("step", i), record[key]) for i, record in enumerate(records) if record.get(key) is not None]
     return [p[0] for p in points], [p[1] for p in points]

@@ -41,7 +41,5 @@ def update_model_card(model_dir: str | Path, metrics: dict[str, float], dataset_
 
 def _minimal_card(model_name: str) -> ModelCard:
     """A bare card (metadata + title) for a model folder that has none yet."""
-    data = ModelCardData(
-        library_name="transformers", pipeline_tag="image-feature-extraction", model_name=model_name
-    )
+    data = ModelCardData(library_name="transformers", pipeline_tag="image-feature-extraction", model_name=model_name)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {model_name}\n")

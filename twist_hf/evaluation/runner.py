@@ -53,16 +53,12 @@ def run_evaluation(
         eval_args.max_test_samples,
     )
     output_dir = Path(eval_args.output_dir or _default_output_dir(eval_args.model))
-    features = _cached_features(
-        eval_args, linear_args, protocols, feature_model, processor, splits, accelerator
-    )
+    features = _cached_features(eval_args, linear_args, protocols, feature_model, processor, splits, accelerator)
     metrics: dict[str, float] = {}
     if "knn" in protocols:
         metrics |= _run_knn(features, splits, knn_args)
     if "linear" in protocols:
-        metrics |= _run_linear(
-            eval_args, linear_args, features, feature_model, processor, splits, accelerator
-        )
+        metrics |= _run_linear(eval_args, linear_args, features, feature_model, processor, splits, accelerator)
     if "cluster" in protocols:
         metrics |= cluster_metrics(features["test"].logits, features["test"].labels, splits.num_classes)
     if "semi" in protocols:
@@ -116,9 +112,7 @@ def _cached_features(
     }
 
 
-def _run_knn(
-    features: dict[str, FeatureSet], splits: LabelledSplits, knn_args: KnnArguments
-) -> dict[str, float]:
+def _run_knn(features: dict[str, FeatureSet], splits: LabelledSplits, knn_args: KnnArguments) -> dict[str, float]:
     """kNN accuracies for every k in knn_args."""
     train, test = features["train"], features["test"]
     return knn_evaluate(
@@ -198,9 +192,7 @@ def _run_semi(
     return metrics
 
 
-def _label_subsets(
-    eval_args: EvalArguments, semi_args: SemiArguments, splits: LabelledSplits
-) -> dict[str, np.ndarray]:
+def _label_subsets(eval_args: EvalArguments, semi_args: SemiArguments, splits: LabelledSplits) -> dict[str, np.ndarray]:
     """Training-row indices per subset name: `subset` from the file, else `{pct}pct` per fraction."""
     if semi_args.semi_subset_file is not None:
         indices = subset_from_file(
@@ -233,9 +225,7 @@ def _write_outputs(
     if eval_args.update_model_card and os.path.isdir(eval_args.model):
         update_model_card(eval_args.model, metrics, _card_dataset_id(eval_args))
     if eval_args.figures and "cluster_acc" in metrics:
-        _cluster_figures(
-            features["test"], splits, cluster_args.cluster_figure_images, eval_args.seed, output_dir
-        )
+        _cluster_figures(features["test"], splits, cluster_args.cluster_figure_images, eval_args.seed, output_dir)
     if eval_args.training_log is not None:
         plot_training_curves(eval_args.training_log, output_dir / "training_curves.png")
 
@@ -249,9 +239,7 @@ def _card_dataset_id(eval_args: EvalArguments) -> str:
     return HUB_DATASET_IDS.get(eval_args.dataset, eval_args.dataset)
 
 
-def _cluster_figures(
-    test: FeatureSet, splits: LabelledSplits, count: int, seed: int, output_dir: Path
-) -> None:
+def _cluster_figures(test: FeatureSet, splits: LabelledSplits, count: int, seed: int, output_dir: Path) -> None:
     """top3_predictions.png on a seeded sample of test images and the matched confusion_matrix.png."""
     clusters = test.logits.argmax(dim=1).numpy()
     labels = test.labels.numpy()
@@ -262,9 +250,7 @@ def _cluster_figures(
         splits.class_names,
         output_dir / "confusion_matrix.png",
     )
-    chosen = np.sort(
-        np.random.default_rng(seed).choice(len(labels), size=min(count, len(labels)), replace=False)
-    )
+    chosen = np.sort(np.random.default_rng(seed).choice(len(labels), size=min(count, len(labels)), replace=False))
     probabilities = matched_class_probabilities(test.logits[chosen].softmax(dim=1), cluster_to_label)
     images = splits.test.select(chosen)[splits.image_column]
     plot_top3_predictions(

@@ -58,8 +58,17 @@ class ModelArguments:
 
     def config_overrides(self) -> dict:
         """The TwistConfig fields this run sets explicitly."""
-        names = ("num_classes", "head_hidden_size", "bunch_size", "last_norm", "tau", "lam1", "lam2",
-                 "head_dropout", "sync_batch_norm")
+        names = (
+            "num_classes",
+            "head_hidden_size",
+            "bunch_size",
+            "last_norm",
+            "tau",
+            "lam1",
+            "lam2",
+            "head_dropout",
+            "sync_batch_norm",
+        )
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def build_config(self) -> TwistConfig:
@@ -67,8 +76,11 @@ class ModelArguments:
         if self.model_name_or_path is not None:
             return TwistConfig.from_pretrained(self.model_name_or_path, **self.config_overrides())
         preset = TwistConfig.from_preset(self.model_preset)
-        backbone = {"model_type": preset.backbone_config.model_type,
-                    **TWIST_PRESETS[self.model_preset]["backbone_config"], **(self.backbone_overrides or {})}
+        backbone = {
+            "model_type": preset.backbone_config.model_type,
+            **TWIST_PRESETS[self.model_preset]["backbone_config"],
+            **(self.backbone_overrides or {}),
+        }
         return TwistConfig.from_preset(self.model_preset, backbone_config=backbone, **self.config_overrides())
 
 
@@ -90,8 +102,10 @@ class DataArguments:
     streaming: bool = field(default=False, metadata={"help": "Stream the training split (per_image backend)."})
     augmentation_backend: str = field(
         default="batched",
-        metadata={"help": "'batched': decode the split once into memory and augment whole batches (small images); "
-                          "'per_image': torchvision v2 per image in DataLoader workers (any size, streaming)."},
+        metadata={
+            "help": "'batched': decode the split once into memory and augment whole batches (small images); "
+            "'per_image': torchvision v2 per image in DataLoader workers (any size, streaming)."
+        },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N kNN test images."})
@@ -104,11 +118,14 @@ class DataArguments:
 
     def __post_init__(self):
         if self.augmentation_backend not in AUGMENTATION_BACKENDS:
-            raise ValueError(f"augmentation_backend must be one of {AUGMENTATION_BACKENDS}, "
-                             f"got {self.augmentation_backend!r}.")
+            raise ValueError(
+                f"augmentation_backend must be one of {AUGMENTATION_BACKENDS}, got {self.augmentation_backend!r}."
+            )
         if self.streaming and self.augmentation_backend == "batched":
-            raise ValueError("streaming needs augmentation_backend='per_image' (the batched backend holds the "
-                             "whole split in memory).")
+            raise ValueError(
+                "streaming needs augmentation_backend='per_image' (the batched backend holds the "
+                "whole split in memory)."
+            )
         for name in ("global_crop_scale", "local_crop_scale"):
             low, high = getattr(self, name)
             if not 0 < low <= high <= 1:
@@ -132,7 +149,8 @@ class TwistTrainingArguments:
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps (overrides warmup_ratio)."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Warm-up as a fraction of the steps."})
     warmup_epochs: float | None = field(
-        default=None, metadata={"help": "Warm-up in epochs; default per spec: 10 (3 if <= 20 epochs, 5 if <= 50)."})
+        default=None, metadata={"help": "Warm-up in epochs; default per spec: 10 (3 if <= 20 epochs, 5 if <= 50)."}
+    )
     optim: str = field(default="lars", metadata={"help": f"One of {', '.join(OPTIMIZERS)}."})
     momentum: float = field(default=0.9, metadata={"help": "SGD/LARS momentum."})
     lars_eta: float = field(default=1e-3, metadata={"help": "LARS trust coefficient."})
@@ -155,21 +173,29 @@ class TwistTrainingArguments:
     save_steps: int = field(default=500, metadata={"help": "Checkpoint every N steps with save_strategy=steps."})
     save_total_limit: int = field(default=2, metadata={"help": "Keep the last N checkpoints."})
     resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "Checkpoint folder, a Hub repo pushed with hub_strategy=checkpoint, "
-                                         "or 'latest' for the newest checkpoint in output_dir."})
+        default=None,
+        metadata={
+            "help": "Checkpoint folder, a Hub repo pushed with hub_strategy=checkpoint, "
+            "or 'latest' for the newest checkpoint in output_dir."
+        },
+    )
     eval_strategy: str = field(default="no", metadata={"help": "'epoch': kNN on the eval split every epoch."})
     knn_k: int = field(default=20, metadata={"help": "Neighbours of the kNN monitor."})
     knn_temperature: float = field(default=0.07, metadata={"help": "Temperature of the kNN vote weights."})
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"],
-                                 metadata={"help": "Accelerate trackers ('tensorboard', 'wandb', ...) or 'none'."})
+    report_to: list[str] = field(
+        default_factory=lambda: ["tensorboard"],
+        metadata={"help": "Accelerate trackers ('tensorboard', 'wandb', ...) or 'none'."},
+    )
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_strategy: str = field(default="every_save", metadata={"help": f"One of {', '.join(HUB_STRATEGIES)}."})
     hub_token: str | None = field(default=None, metadata={"help": "Default: the environment/login token."})
     hub_private_repo: bool = False
     hub_revision: str | None = None
-    hub_push_timeout: float = field(default=600.0, metadata={"help": "Deadline of each Hub push, in seconds; a "
-                                                                     "push past it is abandoned and retried."})
+    hub_push_timeout: float = field(
+        default=600.0,
+        metadata={"help": "Deadline of each Hub push, in seconds; a push past it is abandoned and retried."},
+    )
 
     def __post_init__(self):
         if self.output_dir is None:
@@ -198,18 +224,25 @@ class TwistTrainingArguments:
 class LaunchArguments:
     """Where the per-worker loop runs: a Ray Train cluster (default) or this process."""
 
-    launcher: str = field(default="ray", metadata={"help": "'ray' (Ray Train workers) or 'local' (this process, "
-                                                           "or each process of `accelerate launch`)."})
+    launcher: str = field(
+        default="ray",
+        metadata={
+            "help": "'ray' (Ray Train workers) or 'local' (this process, or each process of `accelerate launch`)."
+        },
+    )
     num_workers: int = field(default=2, metadata={"help": "Ray Train workers (one process each)."})
     use_gpu: bool = field(default=False, metadata={"help": "One GPU per worker."})
     resources_per_worker: dict | str | None = field(
-        default=None, metadata={"help": 'JSON, e.g. {"CPU": 4, "GPU": 1}; default 1 CPU (or 1 GPU).'})
+        default=None, metadata={"help": 'JSON, e.g. {"CPU": 4, "GPU": 1}; default 1 CPU (or 1 GPU).'}
+    )
     storage_path: str | None = field(
-        default=None, metadata={"help": "Ray checkpoint storage: a folder or pyarrow URI (s3://, gs://); "
-                                        "default <output_dir>/ray."})
+        default=None,
+        metadata={"help": "Ray checkpoint storage: a folder or pyarrow URI (s3://, gs://); default <output_dir>/ray."},
+    )
     max_failures: int = field(default=3, metadata={"help": "Worker failures to recover from (-1: no limit)."})
-    ray_address: str | None = field(default=None, metadata={"help": "Cluster to join; default $RAY_ADDRESS or a "
-                                                                    "new local instance."})
+    ray_address: str | None = field(
+        default=None, metadata={"help": "Cluster to join; default $RAY_ADDRESS or a new local instance."}
+    )
 
     def __post_init__(self):
         _check_in("launcher", self.launcher, LAUNCHERS)
@@ -232,8 +265,12 @@ class PretrainArguments:
     launch: LaunchArguments
 
     def to_dict(self) -> dict:
-        return {"model": asdict(self.model), "data": asdict(self.data), "training": _without_token(self.training),
-                "launch": asdict(self.launch)}
+        return {
+            "model": asdict(self.model),
+            "data": asdict(self.data),
+            "training": _without_token(self.training),
+            "launch": asdict(self.launch),
+        }
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TwistTrainingArguments, LaunchArguments)
@@ -271,6 +308,8 @@ def parse_pretrain_args(argv: Sequence[str] | None = None) -> PretrainArguments:
 def arguments_from_dict(values: dict) -> PretrainArguments:
     """Rebuild the arguments from `PretrainArguments.to_dict()` (e.g. a saved training_args.json)."""
     return PretrainArguments(
-        model=ModelArguments(**values["model"]), data=DataArguments(**values["data"]),
-        training=TwistTrainingArguments(**values["training"]), launch=LaunchArguments(**values["launch"]),
+        model=ModelArguments(**values["model"]),
+        data=DataArguments(**values["data"]),
+        training=TwistTrainingArguments(**values["training"]),
+        launch=LaunchArguments(**values["launch"]),
     )

@@ -14,8 +14,18 @@ MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
 
 
-def save_checkpoint(folder: Path, *, model, optimizer: torch.optim.Optimizer, teacher, scaler,
-                    global_step: int, epoch: int, step_in_epoch: int, metrics: dict) -> Path:
+def save_checkpoint(
+    folder: Path,
+    *,
+    model,
+    optimizer: torch.optim.Optimizer,
+    teacher,
+    scaler,
+    global_step: int,
+    epoch: int,
+    step_in_epoch: int,
+    metrics: dict,
+) -> Path:
     """Write model, optimiser, teacher, scaler and RNG state, the step counters and a loadable model folder."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {

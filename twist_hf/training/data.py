@@ -42,8 +42,13 @@ class LabelledImages:
         return self if count is None else LabelledImages(self.images[:count], self.labels[:count])
 
 
-def load_split(data_args: DataArguments, split: str, size: int, counter: SkippedImageCounter | None = None,
-               max_samples: int | None = None) -> LabelledImages:
+def load_split(
+    data_args: DataArguments,
+    split: str,
+    size: int,
+    counter: SkippedImageCounter | None = None,
+    max_samples: int | None = None,
+) -> LabelledImages:
     """Decode one split into memory at `size` x `size` (Fashion-MNIST straight from its IDX files)."""
     if data_args.dataset_name == FASHION_MNIST:
         images, labels = fashion_mnist_arrays("train" if split == "train" else "test")
@@ -58,8 +63,12 @@ def load_split(data_args: DataArguments, split: str, size: int, counter: Skipped
 def open_dataset(data_args: DataArguments, split: str, streaming: bool = False):
     """The HF dataset of one split, as the data arguments name it."""
     return load_image_dataset(
-        data_args.dataset_name, config_name=data_args.dataset_config_name, split=split,
-        data_dir=data_args.data_dir, data_files=data_args.data_files, streaming=streaming,
+        data_args.dataset_name,
+        config_name=data_args.dataset_config_name,
+        split=split,
+        data_dir=data_args.data_dir,
+        data_files=data_args.data_files,
+        streaming=streaming,
     )
 
 
@@ -85,8 +94,16 @@ def check_dataset(data_args: DataArguments, need_labels: bool) -> None:
 class BatchedViews:
     """The in-memory fast path: each step's views made for the whole batch at once (one grid_sample each)."""
 
-    def __init__(self, split: LabelledImages, transform: BatchedMultiCrop, batch_size: int, rank: int,
-                 world_size: int, seed: int, skipped: SkippedImageCounter | None = None):
+    def __init__(
+        self,
+        split: LabelledImages,
+        transform: BatchedMultiCrop,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        skipped: SkippedImageCounter | None = None,
+    ):
         self.split = split
         self.skipped = skipped or SkippedImageCounter()
         self.transform = transform
@@ -105,8 +122,15 @@ class BatchedViews:
         """The views of each step; each step's augmentation is seeded by (seed, rank, epoch, step), so a run
         resumed mid-epoch draws the same crops as an uninterrupted one."""
         epoch_stream = epoch_seed(self.seed + 7919 * self.rank, epoch)
-        batches = in_memory_batches(self.split.images, self.split.labels, self.batch_size, rank=self.rank,
-                                    world_size=self.world_size, seed=self.seed, epoch=epoch)
+        batches = in_memory_batches(
+            self.split.images,
+            self.split.labels,
+            self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.seed,
+            epoch=epoch,
+        )
         for step, (images, _) in enumerate(itertools.islice(batches, skip_steps, None), start=skip_steps):
             yield self.transform(images, generator=torch.Generator().manual_seed(epoch_seed(epoch_stream, step)))
 
@@ -114,8 +138,17 @@ class BatchedViews:
 class PerImageViews:
     """Any HF dataset: torchvision v2 multi-crop per image in DataLoader workers, bad images skipped."""
 
-    def __init__(self, data_args: DataArguments, transform: MultiCropTransform, batch_size: int, rank: int,
-                 world_size: int, seed: int, max_steps_per_epoch: int | None, pin_memory: bool):
+    def __init__(
+        self,
+        data_args: DataArguments,
+        transform: MultiCropTransform,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        max_steps_per_epoch: int | None,
+        pin_memory: bool,
+    ):
         self.dataset = open_dataset(data_args, data_args.train_split, streaming=data_args.streaming)
         if data_args.max_train_samples is not None and not data_args.streaming:
             self.dataset = self.dataset.select(range(min(data_args.max_train_samples, len(self.dataset))))
@@ -138,9 +171,14 @@ class PerImageViews:
         shard = shuffled_shard_for_epoch(self.dataset, self.rank, self.world_size, self.seed, epoch)
         wrapper = DecodedIterableImageDataset if self.data_args.streaming else DecodedImageDataset
         torch_dataset = wrapper(shard, self.transform, self.data_args.image_column, self.data_args.label_column)
-        return DataLoader(torch_dataset, batch_size=self.batch_size, collate_fn=collate_skipping_bad_images,
-                          num_workers=self.data_args.dataloader_num_workers, pin_memory=self.pin_memory,
-                          drop_last=True)
+        return DataLoader(
+            torch_dataset,
+            batch_size=self.batch_size,
+            collate_fn=collate_skipping_bad_images,
+            num_workers=self.data_args.dataloader_num_workers,
+            pin_memory=self.pin_memory,
+            drop_last=True,
+        )
 
     def _batches(self, epoch: int) -> Iterator[dict]:
         """The epoch's batches; a stream restarts (re-shuffled) when it runs out before the epoch's steps."""

@@ -61,7 +61,8 @@ def _check_bunch(config, batch: int, world: int) -> None:
         raise LaunchError(
             f"bunch_size {config.bunch_size} with per_device_train_batch_size {batch} spans {ranks} workers, which "
             f"does not divide the {world} workers. Change --bunch_size, --per_device_train_batch_size or "
-            "--num_workers.")
+            "--num_workers."
+        )
 
 
 def _check_output_dir(args: PretrainArguments) -> None:
@@ -70,7 +71,8 @@ def _check_output_dir(args: PretrainArguments) -> None:
     if used and not args.training.overwrite_output_dir and args.training.resume_from_checkpoint is None:
         raise LaunchError(
             f"The output folder {output} already holds a run. Pass --resume_from_checkpoint latest to continue "
-            "it, --overwrite_output_dir to train anew into it, or another --output_dir.")
+            "it, --overwrite_output_dir to train anew into it, or another --output_dir."
+        )
 
 
 def _check_hub_token(args: PretrainArguments) -> None:
@@ -124,7 +126,8 @@ def _check_cluster(args: PretrainArguments) -> None:
         if available.get(resource, 0) < needed:
             raise LaunchError(
                 f"{args.launch.num_workers} workers need {needed:g} {resource} but the Ray cluster has "
-                f"{available.get(resource, 0):g}. Lower --num_workers or --resources_per_worker, or add nodes.")
+                f"{available.get(resource, 0):g}. Lower --num_workers or --resources_per_worker, or add nodes."
+            )
 
 
 def start_ray(args: PretrainArguments) -> bool:
@@ -139,8 +142,7 @@ def start_ray(args: PretrainArguments) -> bool:
     env_vars = {key: os.environ[key] for key in RAY_TRAIN_ENV}
     if args.training.hub_token:
         env_vars["HF_TOKEN"] = args.training.hub_token
-    ray.init(address=address, runtime_env={"env_vars": env_vars},
-             configure_logging=True, logging_level=logging.WARNING)
+    ray.init(address=address, runtime_env={"env_vars": env_vars}, configure_logging=True, logging_level=logging.WARNING)
     return True
 
 
@@ -159,8 +161,9 @@ def run_ray(args: PretrainArguments) -> dict:
         trainer = TorchTrainer(
             train_loop_per_worker=ray_train_loop,
             train_loop_config={"args": args.to_dict(), "threads_per_worker": resources.get("CPU", 1)},
-            scaling_config=ScalingConfig(num_workers=args.launch.num_workers, use_gpu=args.launch.use_gpu,
-                                         resources_per_worker=resources),
+            scaling_config=ScalingConfig(
+                num_workers=args.launch.num_workers, use_gpu=args.launch.use_gpu, resources_per_worker=resources
+            ),
             run_config=RunConfig(
                 name=f"{output_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                 storage_path=storage if "://" in storage else str(Path(storage).resolve()),
@@ -200,14 +203,19 @@ def launch(args: PretrainArguments) -> dict:
 def summary_lines(args: PretrainArguments, metrics: dict) -> list[str]:
     """What a user needs after a run: the numbers and where each output is."""
     output = Path(args.training.output_dir).resolve()
-    lines = [f"Model (AutoModel.from_pretrained): {output}",
-             f"Results: {output / RESULTS_FILE}", f"Training log: {output / 'log.jsonl'}"]
+    lines = [
+        f"Model (AutoModel.from_pretrained): {output}",
+        f"Results: {output / RESULTS_FILE}",
+        f"Training log: {output / 'log.jsonl'}",
+    ]
     if "checkpoints" in metrics:
         lines.append(f"Checkpoints (Ray storage): {metrics['checkpoints']}")
     else:
         lines.append(f"Checkpoints: {output / 'checkpoints'}")
-    shown = {key: metrics[key] for key in ("knn_top1", "knn_top5", "train_runtime", "train_images_per_second",
-                                          "skipped_images")
-             if key in metrics}
+    shown = {
+        key: metrics[key]
+        for key in ("knn_top1", "knn_top5", "train_runtime", "train_images_per_second", "skipped_images")
+        if key in metrics
+    }
     lines.append("Metrics: " + json.dumps(shown))
     return lines

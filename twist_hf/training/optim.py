@@ -20,8 +20,7 @@ class LARS(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 1e-3):
-        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "eta": eta,
-                    "lars_adaptation": True}
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "eta": eta, "lars_adaptation": True}
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -67,8 +66,15 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
-                    lars_eta: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.9,
+    lars_eta: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> torch.optim.Optimizer:
     """The recipe's optimiser over `parameter_groups(model)`."""
     groups = parameter_groups(model, weight_decay)
     if name == "lars":
@@ -120,8 +126,13 @@ class TrainingSchedule:
 
     def lr(self, step: int) -> float:
         if self.in_self_label_phase(step):
-            return _warmup_cosine(step - self.phase1_steps, self.self_label_steps, self.self_label_warmup_steps,
-                                  self.self_label_learning_rate, self.min_lr_ratio)
+            return _warmup_cosine(
+                step - self.phase1_steps,
+                self.self_label_steps,
+                self.self_label_warmup_steps,
+                self.self_label_learning_rate,
+                self.min_lr_ratio,
+            )
         return _warmup_cosine(step, self.phase1_steps, self.warmup_steps, self.learning_rate, self.min_lr_ratio)
 
     def weight_decay_at(self, step: int) -> float:

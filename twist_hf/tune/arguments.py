@@ -29,24 +29,33 @@ class SweepArguments:
     """What to search, how, and where the results go (the sweep's folder is --output_dir)."""
 
     base_recipe: str | None = field(
-        default=None, metadata={"help": "Pretraining recipe every trial starts from (relative to the sweep YAML, "
-                                        "or the repository root)."})
+        default=None,
+        metadata={
+            "help": "Pretraining recipe every trial starts from (relative to the sweep YAML, or the repository root)."
+        },
+    )
     search_space: dict | str | None = field(
-        default=None, metadata={"help": 'JSON replacing the YAML search_space, e.g. {"tau": {"uniform": [0.1, 0.6]}}; '
-                                        "distributions: grid, choice, uniform, loguniform."})
+        default=None,
+        metadata={
+            "help": 'JSON replacing the YAML search_space, e.g. {"tau": {"uniform": [0.1, 0.6]}}; '
+            "distributions: grid, choice, uniform, loguniform."
+        },
+    )
     metric: str = field(default="knn_top1", metadata={"help": f"Objective (maximised): {', '.join(SWEEP_METRICS)}."})
     search_alg: str = field(default="random", metadata={"help": "'random', 'grid' or 'optuna' (TPE; needs optuna)."})
     scheduler: str = field(default="asha", metadata={"help": "'asha' (stop bad trials early) or 'fifo' (none)."})
     num_samples: int = field(default=4, metadata={"help": "Trials to sample (grid: repeats of the whole grid)."})
     max_concurrent_trials: int = field(
-        default=0, metadata={"help": "Trials running at once; 0: as many as the cluster's resources hold."})
+        default=0, metadata={"help": "Trials running at once; 0: as many as the cluster's resources hold."}
+    )
     grace_period: int = field(default=1, metadata={"help": "ASHA: epochs every trial runs before it may be stopped."})
     reduction_factor: float = field(default=2.0, metadata={"help": "ASHA: keep 1/reduction_factor at each rung."})
     sweep_seed: int | None = field(default=0, metadata={"help": "Seed of the search algorithm's sampling."})
     sweep_name: str | None = field(default=None, metadata={"help": "Tune experiment name; default output_dir's."})
     resume: bool = field(default=False, metadata={"help": "Restore the interrupted sweep in --output_dir / storage."})
     push_best_to_hub: str | None = field(
-        default=None, metadata={"help": "Hub repo id to push the best trial's model to (uses --hub_token)."})
+        default=None, metadata={"help": "Hub repo id to push the best trial's model to (uses --hub_token)."}
+    )
 
     def __post_init__(self):
         if isinstance(self.search_space, str):
@@ -54,9 +63,11 @@ class SweepArguments:
                 self.search_space = json.loads(self.search_space)
             except json.JSONDecodeError as error:
                 raise ValueError(f"--search_space must be a JSON object: {error}") from error
-        for name, value, choices in (("metric", self.metric, SWEEP_METRICS),
-                                     ("search_alg", self.search_alg, SEARCH_ALGORITHMS),
-                                     ("scheduler", self.scheduler, SCHEDULERS)):
+        for name, value, choices in (
+            ("metric", self.metric, SWEEP_METRICS),
+            ("search_alg", self.search_alg, SEARCH_ALGORITHMS),
+            ("scheduler", self.scheduler, SCHEDULERS),
+        ):
             if value not in choices:
                 raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {value!r}.")
         if self.num_samples < 1:
@@ -74,8 +85,10 @@ class SweepSetup:
 
 
 def make_sweep_parser() -> HfArgumentParser:
-    return HfArgumentParser((*ARGUMENT_CLASSES, SweepArguments),
-                            description="TWIST hyperparameter sweep (Ray Tune over the pretraining loop).")
+    return HfArgumentParser(
+        (*ARGUMENT_CLASSES, SweepArguments),
+        description="TWIST hyperparameter sweep (Ray Tune over the pretraining loop).",
+    )
 
 
 def read_sweep_config(path: str | os.PathLike) -> dict:
@@ -108,8 +121,11 @@ def parse_sweep_args(argv: list[str]) -> SweepSetup:
     base_recipe = parser.parse_args_into_dataclasses(args=rest)[-1].base_recipe
     recipe = read_recipe(_resolve_recipe(base_recipe, Path.cwd())) if base_recipe else {}
     _check_known(recipe, base_recipe)
-    defaults = {"output_dir": os.path.join("outputs", f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"),
-                **recipe, **sweep_defaults}
+    defaults = {
+        "output_dir": os.path.join("outputs", f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"),
+        **recipe,
+        **sweep_defaults,
+    }
     parser.set_defaults(**defaults)
     *pretrain, sweep = parser.parse_args_into_dataclasses(args=rest)
     return SweepSetup(sweep=sweep, base=PretrainArguments(*pretrain))
@@ -119,5 +135,7 @@ def _check_known(options: dict, source: str | None) -> None:
     known = {f.name for cls in (*ARGUMENT_CLASSES, SweepArguments) for f in fields(cls)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(f"Unknown option(s) in {source}: {', '.join(unknown)}. Run `python tune/sweep.py --help` "
-                         "for the list (search_space entries go under `search_space:`).")
+        raise ValueError(
+            f"Unknown option(s) in {source}: {', '.join(unknown)}. Run `python tune/sweep.py --help` "
+            "for the list (search_space entries go under `search_space:`)."
+        )

@@ -27,8 +27,9 @@ def plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def trials_table(result_grid, dimensions: list[Dimension], metric: str, saved_status: dict[str, str],
-                 trials_dir: Path) -> pd.DataFrame:
+def trials_table(
+    result_grid, dimensions: list[Dimension], metric: str, saved_status: dict[str, str], trials_dir: Path
+) -> pd.DataFrame:
     """One row per trial, best first: parameters, the metric (last and best report), epochs, outcome.
 
     `saved_status`: trial id -> status in the saved sweep state (an interrupted trial is still RUNNING there)."""
@@ -38,15 +39,17 @@ def trials_table(result_grid, dimensions: list[Dimension], metric: str, saved_st
         scores = history[metric].dropna() if history is not None and metric in history else pd.Series(dtype=float)
         last = result.metrics or {}
         trial_id = last.get("trial_id") or Path(result.path).name
-        rows.append({
-            "trial_id": trial_id,
-            **{d.name: plain(result.config.get(d.name)) for d in dimensions},
-            metric: float(scores.iloc[-1]) if len(scores) else math.nan,
-            f"best_{metric}": float(scores.max()) if len(scores) else math.nan,
-            "epochs": int(last.get("training_iteration", 0)),
-            "outcome": _outcome(result, last, saved_status.get(trial_id, "TERMINATED")),
-            "output_dir": str(trials_dir / trial_id),
-        })
+        rows.append(
+            {
+                "trial_id": trial_id,
+                **{d.name: plain(result.config.get(d.name)) for d in dimensions},
+                metric: float(scores.iloc[-1]) if len(scores) else math.nan,
+                f"best_{metric}": float(scores.max()) if len(scores) else math.nan,
+                "epochs": int(last.get("training_iteration", 0)),
+                "outcome": _outcome(result, last, saved_status.get(trial_id, "TERMINATED")),
+                "output_dir": str(trials_dir / trial_id),
+            }
+        )
     table = pd.DataFrame(rows)
     if table.empty:
         return table
@@ -73,6 +76,7 @@ def write_tables(table: pd.DataFrame, output_dir: Path, metric: str) -> tuple[Pa
 
 def markdown_table(table: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table; floats with 4 significant digits."""
+
     def cell(value) -> str:
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -93,8 +97,13 @@ def plot_metric(table: pd.DataFrame, dimensions: list[Dimension], metric: str, p
     for axis, dimension in zip(axes[0], dimensions):
         x = _plot_positions(table[dimension.name], axis)
         axis.scatter(x[completed], table[metric][completed], color="tab:blue", label="completed")
-        axis.scatter(x[~completed], table[metric][~completed], facecolors="none", edgecolors="tab:red",
-                     label="not completed (stopped early, unfinished, failed)")
+        axis.scatter(
+            x[~completed],
+            table[metric][~completed],
+            facecolors="none",
+            edgecolors="tab:red",
+            label="not completed (stopped early, unfinished, failed)",
+        )
         if dimension.distribution == "loguniform":
             axis.set_xscale("log")
         axis.set_xlabel(dimension.name)

@@ -79,8 +79,7 @@ def plan_sweep(setup: SweepSetup) -> SweepPlan:
 
 def _check_metric(metric: str, base: PretrainArguments) -> None:
     if not base.data.eval_split:
-        raise SweepError(f"Trials report {metric} only with a held-out labelled split: set --eval_split "
-                         "(e.g. test).")
+        raise SweepError(f"Trials report {metric} only with a held-out labelled split: set --eval_split (e.g. test).")
 
 
 def _check_hub(sweep, base: PretrainArguments) -> None:
@@ -100,19 +99,24 @@ def _check_values(plan: SweepPlan) -> None:
             try:
                 validate_before_launch(trial_arguments(base, {dimension.name: value}, probe_dir))
             except (ValueError, TypeError) as error:
-                raise SearchSpaceError(f"search_space.{dimension.name}: the value {value!r} cannot be trained: "
-                                       f"{error}") from error
+                raise SearchSpaceError(
+                    f"search_space.{dimension.name}: the value {value!r} cannot be trained: {error}"
+                ) from error
 
 
 def _check_output(plan: SweepPlan) -> None:
     exists = (plan.experiment_path / "tuner.pkl").exists()
     if plan.setup.sweep.resume and not exists:
-        raise SweepError(f"--resume: no sweep to restore at {plan.experiment_path}; check --output_dir, "
-                         "--storage_path and --sweep_name.")
+        raise SweepError(
+            f"--resume: no sweep to restore at {plan.experiment_path}; check --output_dir, "
+            "--storage_path and --sweep_name."
+        )
     if not plan.setup.sweep.resume and exists:
         if not plan.setup.base.training.overwrite_output_dir:
-            raise SweepError(f"{plan.experiment_path} already holds a sweep: pass --resume to continue it, "
-                             "--overwrite_output_dir to start anew, or another --output_dir.")
+            raise SweepError(
+                f"{plan.experiment_path} already holds a sweep: pass --resume to continue it, "
+                "--overwrite_output_dir to start anew, or another --output_dir."
+            )
         shutil.rmtree(plan.output_dir, ignore_errors=True)
         shutil.rmtree(plan.experiment_path, ignore_errors=True)
 
@@ -138,18 +142,25 @@ def concurrent_trials(requested: int, per_trial: dict, available: dict) -> int:
     """How many trials may run at once; an error if the cluster cannot hold the requested number."""
     fits = min(math.floor(available.get(name, 0) / amount + 1e-9) for name, amount in per_trial.items() if amount)
     if fits < 1:
-        raise SweepError(f"One trial needs {_describe(per_trial)} but the Ray cluster has {_describe(available)}. "
-                         "Lower --num_workers or --resources_per_worker.")
+        raise SweepError(
+            f"One trial needs {_describe(per_trial)} but the Ray cluster has {_describe(available)}. "
+            "Lower --num_workers or --resources_per_worker."
+        )
     if requested > fits:
-        raise SweepError(f"--max_concurrent_trials {requested} needs {_describe(per_trial)} each, but the Ray "
-                         f"cluster holds only {fits} such trial(s) ({_describe(available)}). Lower "
-                         "--max_concurrent_trials, --num_workers or --resources_per_worker.")
+        raise SweepError(
+            f"--max_concurrent_trials {requested} needs {_describe(per_trial)} each, but the Ray "
+            f"cluster holds only {fits} such trial(s) ({_describe(available)}). Lower "
+            "--max_concurrent_trials, --num_workers or --resources_per_worker."
+        )
     return requested or fits
 
 
 def _describe(resources: dict) -> str:
-    return ", ".join(f"{amount:g} {name}" for name, amount in sorted(resources.items()) if name in ("CPU", "GPU")
-                     or not name.startswith(("node:", "memory", "object_store")))
+    return ", ".join(
+        f"{amount:g} {name}"
+        for name, amount in sorted(resources.items())
+        if name in ("CPU", "GPU") or not name.startswith(("node:", "memory", "object_store"))
+    )
 
 
 def _search_algorithm(plan: SweepPlan, concurrency: int):
@@ -173,18 +184,24 @@ def _scheduler(plan: SweepPlan):
         return FIFOScheduler()
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="training_iteration", max_t=plan.max_epochs,
-                         grace_period=min(sweep.grace_period, plan.max_epochs),
-                         reduction_factor=sweep.reduction_factor)
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=plan.max_epochs,
+        grace_period=min(sweep.grace_period, plan.max_epochs),
+        reduction_factor=sweep.reduction_factor,
+    )
 
 
 def _trainable(plan: SweepPlan):
     from ray import tune
 
-    setup = {"base": plan.setup.base.to_dict(), "metric": plan.setup.sweep.metric,
-             "trials_dir": str(plan.trials_dir), "train_storage": str(plan.storage / f"{plan.name}-train-runs")}
-    return tune.with_resources(tune.with_parameters(run_trial, setup=setup),
-                               trial_function_resources(plan.setup.base))
+    setup = {
+        "base": plan.setup.base.to_dict(),
+        "metric": plan.setup.sweep.metric,
+        "trials_dir": str(plan.trials_dir),
+        "train_storage": str(plan.storage / f"{plan.name}-train-runs"),
+    }
+    return tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_function_resources(plan.setup.base))
 
 
 def _tuner(plan: SweepPlan, concurrency: int):
@@ -193,16 +210,26 @@ def _tuner(plan: SweepPlan, concurrency: int):
     trainable = _trainable(plan)
     if plan.setup.sweep.resume:
         logger.info("Restoring the sweep at %s.", plan.experiment_path)
-        return tune.Tuner.restore(str(plan.experiment_path), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=True)
+        return tune.Tuner.restore(
+            str(plan.experiment_path), trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
     sweep = plan.setup.sweep
     return tune.Tuner(
         trainable,
         param_space=param_space(plan.dimensions, sweep.search_alg),
-        tune_config=tune.TuneConfig(metric=sweep.metric, mode="max", search_alg=_search_algorithm(plan, concurrency),
-                                    scheduler=_scheduler(plan), num_samples=sweep.num_samples),
-        run_config=tune.RunConfig(name=plan.name, storage_path=str(plan.storage),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1),
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric,
+            mode="max",
+            search_alg=_search_algorithm(plan, concurrency),
+            scheduler=_scheduler(plan),
+            num_samples=sweep.num_samples,
+        ),
+        run_config=tune.RunConfig(
+            name=plan.name,
+            storage_path=str(plan.storage),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=1,
+        ),
     )
 
 
@@ -220,8 +247,9 @@ def run_sweep(setup: SweepSetup) -> SweepOutcome:
     if started_here:
         start_ray(setup.base)
     try:
-        concurrency = concurrent_trials(setup.sweep.max_concurrent_trials, trial_resources(setup.base),
-                                        ray.cluster_resources())
+        concurrency = concurrent_trials(
+            setup.sweep.max_concurrent_trials, trial_resources(setup.base), ray.cluster_resources()
+        )
         plan.output_dir.mkdir(parents=True, exist_ok=True)
         result_grid = _tuner(plan, concurrency).fit()
     finally:
@@ -247,8 +275,10 @@ def write_outputs(plan: SweepPlan, result_grid) -> SweepOutcome:
     params = {d.name: plain(best[d.name]) for d in plan.dimensions}
     best_args = trial_arguments(plan.setup.base.to_dict(), params, best["output_dir"])
     _restore_recipe_settings(best_args, plan.setup.base)
-    header = (f"Best trial {best['trial_id']} of sweep {plan.name}: {metric} = {best[metric]:.4f} "
-              f"({best['outcome']}).\nRun it: python recipes/pretrain.py --config {plan.output_dir / BEST_CONFIG}")
+    header = (
+        f"Best trial {best['trial_id']} of sweep {plan.name}: {metric} = {best[metric]:.4f} "
+        f"({best['outcome']}).\nRun it: python recipes/pretrain.py --config {plan.output_dir / BEST_CONFIG}"
+    )
     best_config = write_best_config(best_args, plan.output_dir / BEST_CONFIG, header)
     if plan.setup.sweep.push_best_to_hub and best["outcome"] == "completed":
         push_best_model(plan, Path(best["output_dir"]))
@@ -267,7 +297,12 @@ def push_best_model(plan: SweepPlan, model_dir: Path) -> None:
     from ..hub import HubPusher
 
     training = plan.setup.base.training
-    pusher = HubPusher(plan.setup.sweep.push_best_to_hub, hub_strategy="end", hub_token=training.hub_token,
-                       hub_private_repo=training.hub_private_repo, hub_revision=training.hub_revision)
+    pusher = HubPusher(
+        plan.setup.sweep.push_best_to_hub,
+        hub_strategy="end",
+        hub_token=training.hub_token,
+        hub_private_repo=training.hub_private_repo,
+        hub_revision=training.hub_revision,
+    )
     summary = pusher.finish(model_dir, timeout=600)
     logger.info("Best model pushed: %s", summary)

@@ -108,7 +108,8 @@ def parse_search_space(spec: dict) -> list[Dimension]:
     if not isinstance(spec, dict) or not spec:
         raise SearchSpaceError(
             "The search space is empty: give `search_space:` in the sweep YAML (or --search_space as JSON), e.g. "
-            '{"tau": {"uniform": [0.1, 0.6]}, "lam2": {"grid": [1.0, 2.0]}}.')
+            '{"tau": {"uniform": [0.1, 0.6]}, "lam2": {"grid": [1.0, 2.0]}}.'
+        )
     return [_parse_dimension(name, entry) for name, entry in spec.items()]
 
 
@@ -117,7 +118,8 @@ def _parse_dimension(name: str, entry: Any) -> Dimension:
     if not isinstance(entry, dict) or len(entry) != 1 or next(iter(entry)) not in DISTRIBUTIONS:
         raise SearchSpaceError(
             f"search_space.{name} must be one mapping {{distribution: values}} with distribution one of "
-            f"{', '.join(DISTRIBUTIONS)}; got {entry!r}. Example: {name}: {{grid: [0.2, 0.4]}}.")
+            f"{', '.join(DISTRIBUTIONS)}; got {entry!r}. Example: {name}: {{grid: [0.2, 0.4]}}."
+        )
     distribution, values = next(iter(entry.items()))
     if not isinstance(values, list) or not values:
         raise SearchSpaceError(f"search_space.{name}.{distribution} needs a non-empty list, got {values!r}.")
@@ -130,24 +132,29 @@ def _check_name(name: str) -> None:
     if name not in OPTION_TYPES:
         close = difflib.get_close_matches(name, OPTION_TYPES, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise SearchSpaceError(f"Unknown parameter {name!r} in the search space.{hint} Any option of "
-                               "`python recipes/pretrain.py --help` can be swept.")
+        raise SearchSpaceError(
+            f"Unknown parameter {name!r} in the search space.{hint} Any option of "
+            "`python recipes/pretrain.py --help` can be swept."
+        )
     if name in NOT_SWEEPABLE:
         raise SearchSpaceError(f"{name} cannot be swept: {NOT_SWEEPABLE[name]}.")
 
 
 def _check_range(name: str, distribution: str, values: list) -> None:
     if _numeric_kind(name) is None:
-        raise SearchSpaceError(f"search_space.{name}: {distribution} needs a numeric option; use grid or choice "
-                               f"for {name}.")
+        raise SearchSpaceError(
+            f"search_space.{name}: {distribution} needs a numeric option; use grid or choice for {name}."
+        )
     if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
         raise SearchSpaceError(f"search_space.{name}.{distribution} must be [low, high], got {values!r}.")
     low, high = values
     if low > high:
         raise SearchSpaceError(f"search_space.{name}.{distribution} range [{low}, {high}] is inverted: low > high.")
     if low == high:
-        raise SearchSpaceError(f"search_space.{name}.{distribution} range [{low}, {high}] is empty; widen it or "
-                               f"fix {name} in the recipe instead.")
+        raise SearchSpaceError(
+            f"search_space.{name}.{distribution} range [{low}, {high}] is empty; widen it or "
+            f"fix {name} in the recipe instead."
+        )
     if distribution == "loguniform" and low <= 0:
         raise SearchSpaceError(f"search_space.{name}.loguniform needs 0 < low, got [{low}, {high}].")
 
@@ -157,13 +164,16 @@ def check_search_algorithm(dimensions: list[Dimension], search_alg: str) -> None
     if search_alg == "grid":
         ranges = [d.name for d in dimensions if d.is_range]
         if ranges:
-            raise SearchSpaceError(f"--search_alg grid needs grid or choice values, but {', '.join(ranges)} "
-                                   "are ranges; use --search_alg random (or optuna), or list values.")
+            raise SearchSpaceError(
+                f"--search_alg grid needs grid or choice values, but {', '.join(ranges)} "
+                "are ranges; use --search_alg random (or optuna), or list values."
+            )
     if search_alg == "optuna":
         grids = [d.name for d in dimensions if d.distribution == "grid"]
         if grids:
-            raise SearchSpaceError(f"--search_alg optuna cannot take grid dimensions ({', '.join(grids)}); "
-                                   "write them as choice.")
+            raise SearchSpaceError(
+                f"--search_alg optuna cannot take grid dimensions ({', '.join(grids)}); write them as choice."
+            )
 
 
 def param_space(dimensions: list[Dimension], search_alg: str) -> dict:

@@ -73,11 +73,19 @@ def head_cluster_metrics(model_dir: Path, data_args: dict, batch_size: int = 512
     config = model.config
     data = DataArguments(**data_args)
     split = load_split(data, data.eval_split, config.image_size, max_samples=data.max_eval_samples)
-    logits = torch.cat([
-        model(pixel_values=batched_eval_transform(torch.from_numpy(split.images[start:start + batch_size]),
-                                                  config.image_size, config.image_mean, config.image_std)).logits
-        for start in range(0, len(split.images), batch_size)
-    ])
+    logits = torch.cat(
+        [
+            model(
+                pixel_values=batched_eval_transform(
+                    torch.from_numpy(split.images[start : start + batch_size]),
+                    config.image_size,
+                    config.image_mean,
+                    config.image_std,
+                )
+            ).logits
+            for start in range(0, len(split.images), batch_size)
+        ]
+    )
     labels = torch.as_tensor(split.labels)
     scores = cluster_metrics(logits, labels, num_labels=int(labels.max()) + 1)
     return {name: scores[name] for name in CLUSTER_METRICS}
@@ -155,10 +163,15 @@ def _train_on_ray_train(args: PretrainArguments, objective: Objective, name: str
     trainer = TorchTrainer(
         train_loop_per_worker=ray_train_loop,
         train_loop_config={"args": args.to_dict(), "threads_per_worker": resources.get("CPU", 1)},
-        scaling_config=ScalingConfig(num_workers=args.launch.num_workers, use_gpu=args.launch.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage, callbacks=[_report_callback(objective)],
-                             failure_config=FailureConfig(max_failures=args.launch.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=args.training.save_total_limit)),
+        scaling_config=ScalingConfig(
+            num_workers=args.launch.num_workers, use_gpu=args.launch.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            callbacks=[_report_callback(objective)],
+            failure_config=FailureConfig(max_failures=args.launch.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=args.training.save_total_limit),
+        ),
     )
     return dict(trainer.fit().metrics or {})
