@@ -187,6 +187,7 @@ class HubPusher:
         with self._condition:
             if self._pending is not None:
                 logger.info("Hub push of %s superseded by %s before it started", self._pending.label, job.label)
+                _carry_checkpoint(self._pending.staging, job.staging)
                 shutil.rmtree(self._pending.staging, ignore_errors=True)
             self._pending = job
             self._condition.notify_all()
@@ -292,6 +293,14 @@ def _check_options(hub_model_id: str, hub_strategy: str, push_timeout: float) ->
         raise ValueError(f"hub_strategy {hub_strategy!r} is not one of {', '.join(HUB_STRATEGIES)}.")
     if push_timeout <= 0:
         raise ValueError(f"push_timeout must be a positive number of seconds, got {push_timeout}.")
+
+
+def _carry_checkpoint(superseded: Path, newer: Path) -> None:
+    """A newer push without training state (e.g. the final model) keeps the superseded push's checkpoint, so
+    the Hub never loses a `last-checkpoint/` that was queued."""
+    checkpoint = superseded / CHECKPOINT_FOLDER
+    if checkpoint.is_dir() and not (newer / CHECKPOINT_FOLDER).exists():
+        shutil.move(str(checkpoint), newer / CHECKPOINT_FOLDER)
 
 
 def _copy_tree(source: Path, target: Path, ignore_patterns: list[str]) -> None:
