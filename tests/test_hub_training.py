@@ -10,52 +10,19 @@ from pathlib import Path
 import pytest
 from hub_server import TEST_TOKEN, TEST_USER, client_env, start_hub_server
 from huggingface_hub import HfApi
+from tiny_run import PRETRAIN_SCRIPT, tiny_run_args
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 REPO = f"{TEST_USER}/twist-tiny"
 
 
-def pretrain(output_dir: Path, env: dict, *extra: str, steps: int = 16) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        str(ROOT / "recipes" / "pretrain.py"),
-        "--launcher",
-        "local",
-        "--model_preset",
-        "tiny-resnet",
-        "--max_train_samples",
-        "512",
-        "--max_eval_samples",
-        "200",
-        "--per_device_train_batch_size",
-        "32",
-        "--bunch_size",
-        "32",
-        "--local_crop_size",
-        "8",
-        "--num_local_crops",
-        "2",
-        "--max_steps",
-        str(steps),
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        "8",
-        "--logging_steps",
-        "4",
-        "--report_to",
-        "none",
-        "--output_dir",
-        str(output_dir),
-        "--push_to_hub",
-        "--hub_model_id",
-        REPO,
-        "--hub_token",
-        TEST_TOKEN,
-        *extra,
-    ]
+def pretrain(
+    output_dir: Path, env: dict, *extra: str, steps: int = 16, save_steps: int = 8
+) -> subprocess.CompletedProcess:
+    flags = tiny_run_args(launcher="local", max_steps=steps, save_strategy="steps", save_steps=save_steps)
+    hub = ["--push_to_hub", "--hub_model_id", REPO, "--hub_token", TEST_TOKEN]
+    command = [sys.executable, str(PRETRAIN_SCRIPT), *flags, "--output_dir", str(output_dir), *hub, *extra]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
 
 
@@ -99,22 +66,28 @@ def test_checkpoint_strategy_pushes_training_state_and_resumes_from_the_hub(hub,
     assert results["global_step"] == 24
 
 
+def saved_steps(output: Path) -> list[int]:
+    return [int(folder.name.split("-")[-1]) for folder in (output / "checkpoints").glob("checkpoint-*")]
+
+
 def wait_for_checkpoint(output: Path, step: int, timeout: float = 300) -> None:
+    """Until a checkpoint at or after `step` exists (older ones are pruned by save_total_limit)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not (output / "checkpoints" / f"checkpoint-{step}").exists():
+    while time.monotonic() < deadline and max(saved_steps(output), default=0) < step:
         time.sleep(0.2)
     time.sleep(1.0)
 
 
 def run_with_faults(hub, tmp_path, stages: list) -> tuple[subprocess.CompletedProcess, Path]:
-    """Train 24 steps (saves at 8 and 16); `stages[0]` breaks the Hub at the start, `stages[i]` runs after
-    checkpoint 8 * i. The last stage mends it, so only a later push can land."""
+    """Train 600 steps (a save every 20); `stages[0]` breaks the Hub at the start, `stages[i]` runs once step
+    100 * i is saved. The last stage mends it, so only a later push (the saves after it, or the final one) can
+    land; many saves follow the mend, so the test does not hinge on how fast the run is."""
     output = tmp_path / "run"
     stages[0]()
 
     def follow_stages():
         for index, stage in enumerate(stages[1:], start=1):
-            wait_for_checkpoint(output, 8 * index)
+            wait_for_checkpoint(output, 100 * index)
             stage()
 
     follower = threading.Thread(target=follow_stages, daemon=True)
@@ -126,7 +99,8 @@ def run_with_faults(hub, tmp_path, stages: list) -> tuple[subprocess.CompletedPr
         "every_save",
         "--hub_push_timeout",
         "20",
-        steps=24,
+        steps=600,
+        save_steps=20,
     )
     follower.join(timeout=5)
     return result, output

@@ -24,35 +24,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 from pretrain import main
+from tiny_run import tiny_run_args
 
-TINY = [
-    "--launcher",
-    "local",
-    "--model_preset",
-    "tiny-resnet",
-    "--max_train_samples",
-    "512",
-    "--max_eval_samples",
-    "200",
-    "--per_device_train_batch_size",
-    "32",
-    "--bunch_size",
-    "32",
-    "--local_crop_size",
-    "8",
-    "--num_local_crops",
-    "2",
-    "--logging_steps",
-    "4",
-    "--report_to",
-    "none",
-    "--save_strategy",
-    "steps",
-    "--save_steps",
-    "4",
-    "--save_total_limit",
-    "10",
-]
+TINY = tiny_run_args(launcher="local", save_strategy="steps", save_steps=4, save_total_limit=10)
 
 
 def pretrain(output_dir: Path, *extra: str) -> dict:

@@ -25,35 +25,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 from pretrain import main
+from tiny_run import tiny_run_args
 
-TINY = [
-    "--launcher",
-    "ray",
-    "--num_workers",
-    "2",
-    "--model_preset",
-    "tiny-resnet",
-    "--max_train_samples",
-    "512",
-    "--max_eval_samples",
-    "200",
-    "--per_device_train_batch_size",
-    "32",
-    "--bunch_size",
-    "64",
-    "--local_crop_size",
-    "8",
-    "--num_local_crops",
-    "2",
-    "--logging_steps",
-    "4",
-    "--report_to",
-    "none",
-    "--save_strategy",
-    "steps",
-    "--save_steps",
-    "4",
-]
+TINY = tiny_run_args(launcher="ray", num_workers=2, bunch_size=64, save_strategy="steps", save_steps=4)
 
 
 @pytest.fixture(scope="module")
