@@ -146,30 +146,42 @@ def start_ray(args: PretrainArguments) -> bool:
     return True
 
 
+def build_torch_trainer(args: PretrainArguments, name: str, storage_path: str, callbacks: list | None = None):
+    """The Ray Train trainer of one pretraining run: `num_workers` workers of `ray_train_loop`, failures
+    resumed from the last checkpoint, the last `save_total_limit` checkpoints kept."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = worker_resources(args)
+    return TorchTrainer(
+        train_loop_per_worker=ray_train_loop,
+        train_loop_config={"args": args.to_dict(), "threads_per_worker": resources.get("CPU", 1)},
+        scaling_config=ScalingConfig(
+            num_workers=args.launch.num_workers, use_gpu=args.launch.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=args.launch.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=args.training.save_total_limit),
+        ),
+    )
+
+
 def run_ray(args: PretrainArguments) -> dict:
     """The loop on `num_workers` Ray Train workers; a worker failure resumes from the last checkpoint."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     started = start_ray(args)
     try:
         _check_cluster(args)
         output_dir = Path(args.training.output_dir).resolve()
         storage = args.launch.storage_path or str(output_dir / "ray")
-        resources = worker_resources(args)
-        trainer = TorchTrainer(
-            train_loop_per_worker=ray_train_loop,
-            train_loop_config={"args": args.to_dict(), "threads_per_worker": resources.get("CPU", 1)},
-            scaling_config=ScalingConfig(
-                num_workers=args.launch.num_workers, use_gpu=args.launch.use_gpu, resources_per_worker=resources
-            ),
-            run_config=RunConfig(
-                name=f"{output_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=storage if "://" in storage else str(Path(storage).resolve()),
-                failure_config=FailureConfig(max_failures=args.launch.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=args.training.save_total_limit),
-            ),
+        trainer = build_torch_trainer(
+            args,
+            name=f"{output_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=storage if "://" in storage else str(Path(storage).resolve()),
         )
         result = trainer.fit()
         metrics = dict(result.metrics or {})

@@ -154,24 +154,7 @@ def _train_in_this_process(args: PretrainArguments, objective: Objective) -> dic
 
 def _train_on_ray_train(args: PretrainArguments, objective: Objective, name: str, storage: str) -> dict:
     """A Ray Train run named after the trial: a restored trial re-creates it and Ray Train resumes it."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ..training.launch import build_torch_trainer
 
-    from ..training.launch import ray_train_loop, worker_resources
-
-    resources = worker_resources(args)
-    trainer = TorchTrainer(
-        train_loop_per_worker=ray_train_loop,
-        train_loop_config={"args": args.to_dict(), "threads_per_worker": resources.get("CPU", 1)},
-        scaling_config=ScalingConfig(
-            num_workers=args.launch.num_workers, use_gpu=args.launch.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage,
-            callbacks=[_report_callback(objective)],
-            failure_config=FailureConfig(max_failures=args.launch.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=args.training.save_total_limit),
-        ),
-    )
+    trainer = build_torch_trainer(args, name=name, storage_path=storage, callbacks=[_report_callback(objective)])
     return dict(trainer.fit().metrics or {})
