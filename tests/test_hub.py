@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_server import TEST_TOKEN, TEST_USER, client_env, start_hub_server
-from huggingface_hub import HfApi, constants, hf_hub_download
+from hub_server import TEST_TOKEN, TEST_USER, client_env
+from huggingface_hub import constants, hf_hub_download
 from PIL import Image
 
 from twist_hf import TwistConfig, TwistModel
@@ -22,22 +22,7 @@ from twist_hf.model_card import write_model_card
 REPO = f"{TEST_USER}/pushed"
 
 
-@pytest.fixture(autouse=True)
-def lfs_not_xet(monkeypatch):
-    """The client must upload through LFS: the test server does not speak Xet."""
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-
-
-@pytest.fixture
-def hub(tmp_path):
-    server = start_hub_server(tmp_path / "hub")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def api(hub):
-    return HfApi(endpoint=hub.endpoint, token=TEST_TOKEN)
+pytestmark = pytest.mark.usefixtures("lfs_not_xet")
 
 
 def _pusher(hub, **options) -> HubPusher:

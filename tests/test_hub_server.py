@@ -14,16 +14,14 @@ import httpx2
 import pytest
 from hub_server import (
     DEFAULT_GITATTRIBUTES,
-    TEST_TOKEN,
     HubHTTPError,
     _byte_range,
     _is_lfs,
     client_env,
     git_blob_oid,
     lfs_pointer,
-    start_hub_server,
 )
-from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import (
     HfHubHTTPError,
     RemoteEntryNotFoundError,
@@ -31,23 +29,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-
-@pytest.fixture(autouse=True)
-def lfs_not_xet(monkeypatch):
-    """The in-process client must upload through LFS: this server does not speak Xet."""
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-
-
-@pytest.fixture
-def hub(tmp_path):
-    server = start_hub_server(tmp_path / "hub")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def api(hub):
-    return HfApi(endpoint=hub.endpoint, token=TEST_TOKEN)
+pytestmark = pytest.mark.usefixtures("lfs_not_xet")
 
 
 def _model_folder(path: Path, weights: bytes, config: dict) -> Path:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hub_server import TEST_TOKEN, TEST_USER, client_env, start_hub_server
+from hub_server import TEST_TOKEN, TEST_USER, client_env
 from huggingface_hub import HfApi
 from tiny_run import PRETRAIN_SCRIPT, tiny_run_args
 
@@ -24,13 +24,6 @@ def pretrain(
     hub = ["--push_to_hub", "--hub_model_id", REPO, "--hub_token", TEST_TOKEN]
     command = [sys.executable, str(PRETRAIN_SCRIPT), *flags, "--output_dir", str(output_dir), *hub, *extra]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
-
-
-@pytest.fixture
-def hub(tmp_path):
-    server = start_hub_server(tmp_path / "hub")
-    yield server
-    server.stop()
 
 
 def repo_files(hub) -> set[str]:
