@@ -307,3 +307,24 @@ def test_output_dir_is_made_absolute_for_workers_with_their_own_working_director
     monkeypatch.chdir(tmp_path)
     args = parse_pretrain_args(["--output_dir", "runs/relative"])
     assert args.training.output_dir == str(tmp_path / "runs" / "relative")
+
+
+@pytest.mark.parametrize(
+    "option, address, expected",
+    [([], None, True), (["--ray_dashboard", "false"], None, False), ([], "ray://head:10001", None)],
+)
+def test_start_ray_starts_the_dashboard_only_as_asked_and_only_for_a_new_instance(
+    monkeypatch, option, address, expected
+):
+    import ray
+
+    from twist_hf.training.launch import RAY_TRAIN_ENV, start_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    address_option = ["--ray_address", address] if address else []
+    assert start_ray(parse_pretrain_args([*TINY, *option, *address_option]))
+    assert calls[0]["include_dashboard"] is expected
+    assert calls[0]["runtime_env"]["env_vars"]["RAY_worker_niceness"] == RAY_TRAIN_ENV["RAY_worker_niceness"] == "0"

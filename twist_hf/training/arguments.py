@@ -243,6 +243,13 @@ class LaunchArguments:
     ray_address: str | None = field(
         default=None, metadata={"help": "Cluster to join; default $RAY_ADDRESS or a new local instance."}
     )
+    ray_dashboard: bool = field(
+        default=True,
+        metadata={
+            "help": "Start the Ray dashboard with a new local instance. Its processes take about a tenth of a core: "
+            "turn it off on a small machine whose cores all train."
+        },
+    )
 
     def __post_init__(self):
         _check_in("launcher", self.launcher, LAUNCHERS)
