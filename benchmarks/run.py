@@ -77,7 +77,7 @@ def run_section(
         )
     if section == "launchers":
         with tempfile.TemporaryDirectory(prefix="twist-bench-launch-") as work_dir:
-            return launchers.run(Path(work_dir), steps=100 if args.quick else 200)
+            return launchers.run(Path(work_dir), steps=60 if args.quick else 150, rounds=1 if args.quick else 2)
     with tempfile.TemporaryDirectory(prefix="twist-bench-quality-") as work_dir:
         subset = (2000, 500) if args.smoke else (None, None)
         return quality.run(
