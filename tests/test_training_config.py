@@ -327,4 +327,4 @@ def test_start_ray_starts_the_dashboard_only_as_asked_and_only_for_a_new_instanc
     address_option = ["--ray_address", address] if address else []
     assert start_ray(parse_pretrain_args([*TINY, *option, *address_option]))
     assert calls[0]["include_dashboard"] is expected
-    assert calls[0]["runtime_env"]["env_vars"]["RAY_worker_niceness"] == RAY_TRAIN_ENV["RAY_worker_niceness"] == "0"
+    assert set(calls[0]["runtime_env"]["env_vars"]) == set(RAY_TRAIN_ENV)

@@ -54,16 +54,6 @@ def ray_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(path for path in output_dir.glob("ray/*/checkpoint-*") if (path / "trainer_state.json").is_file())
 
 
-def test_ray_workers_run_at_normal_priority(ray_cluster):
-    """Ray starts workers at niceness 15; ours run at 0 so that Ray's own daemons do not preempt a worker in the
-    middle of a synchronised step (1.21x the torchrun step time on 2 cores, benchmarks/launchers.py)."""
-
-    def niceness() -> int:
-        return os.nice(0)
-
-    assert ray.get(ray.remote(niceness).remote()) == 0
-
-
 @pytest.fixture(scope="module")
 def two_worker_run(ray_cluster, tmp_path_factory) -> tuple[Path, str]:
     output = tmp_path_factory.mktemp("ray") / "run"

@@ -23,13 +23,7 @@ logger = logging.getLogger(__name__)
 
 # Measured with Ray 2.60: a 0.5 s controller poll resumes from the newest checkpoint after a worker dies and
 # cuts the cost of a report from ~1.3 s to ~30 ms; a collective timeout turns a mistaken barrier into an error.
-# Ray starts workers at niceness 15, so when training takes every core each wake-up of a Ray daemon preempts a
-# worker in the middle of a synchronised step: 1.21x the torchrun step time on 2 cores, 1.03x at niceness 0.
-RAY_TRAIN_ENV = {
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-    "RAY_TRAIN_COLLECTIVE_TIMEOUT_S": "900",
-    "RAY_worker_niceness": "0",
-}
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_COLLECTIVE_TIMEOUT_S": "900"}
 
 
 class LaunchError(ValueError):
