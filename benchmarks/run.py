@@ -1,9 +1,9 @@
 """Run the twist-hf benchmarks on this machine and write benchmarks/results/<device>-<date>.{json,md} and
 benchmarks/RESULTS.md (the latest table).
 
-    python benchmarks/run.py            # training step, augmentation, launchers (<= 15 min on 2 CPU cores)
+    python benchmarks/run.py            # training step, augmentation, launchers (~7 min on 2 idle CPU cores)
     python benchmarks/run.py --quick    # smaller batches, fewer steps
-    python benchmarks/run.py --quality  # also the default Fashion-MNIST run against its baselines (~10 more min)
+    python benchmarks/run.py --quality  # also the default Fashion-MNIST run and its baselines (~15 min in all)
     python benchmarks/run.py --smoke    # tiny sizes, one repetition (the test suite's smoke test)
 """
 
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smaller batches and fewer steps")
     size.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition, no launchers")
-    parser.add_argument("--quality", action="store_true", help="also run the default Fashion-MNIST recipe (~10 min)")
+    parser.add_argument("--quality", action="store_true", help="also run the default Fashion-MNIST recipe and its baselines (~7.5 min)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     parser.add_argument(
         "--compile",
