@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 
 TEST_TOKEN = "hf_test_token"
 TEST_USER = "test-user"
+# What every pushed TWIST model repository holds: weights, config, processor, card and the remote code.
+PUSHED_MODEL_FILES = frozenset(
+    {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "modeling_twist.py"}
+)
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
 LFS_POINTER_TEMPLATE = "version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n"
 DEFAULT_GITATTRIBUTES = """\

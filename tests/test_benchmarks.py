@@ -44,25 +44,22 @@ def test_steady_step_seconds_skips_start_up_lines():
     assert seconds == [1.0] * 7 + [0.5]
 
 
-def test_smoke_run_writes_results_and_table(tmp_path):
-    results_dir, summary = tmp_path / "results", tmp_path / "RESULTS.md"
+def run_benchmark_script(name: str, *arguments: str, timeout: float) -> None:
+    """Run benchmarks/<name> as a user would and fail with its stderr if it exits non-zero."""
     finished = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "run.py"),
-            "--smoke",
-            "--results-dir",
-            str(results_dir),
-            "--summary",
-            str(summary),
-        ],
+        [sys.executable, str(REPO / "benchmarks" / name), *arguments],
         check=False,
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
+
+
+def test_smoke_run_writes_results_and_table(tmp_path):
+    results_dir, summary = tmp_path / "results", tmp_path / "RESULTS.md"
+    run_benchmark_script("run.py", "--smoke", "--results-dir", str(results_dir), "--summary", str(summary), timeout=300)
     [json_path] = results_dir.glob("cpu-*-smoke.json")
     results = json.loads(json_path.read_text())
     assert set(results) >= {"machine", "mode", "train_step", "augmentation", "quality", "section_seconds"}
@@ -86,23 +83,7 @@ def test_smoke_run_writes_results_and_table(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_script_smoke_on_cpu(tmp_path):
-    finished = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "gpu.py"),
-            "--device",
-            "cpu",
-            "--tiny",
-            "--results-dir",
-            str(tmp_path),
-        ],
-        check=False,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    run_benchmark_script("gpu.py", "--device", "cpu", "--tiny", "--results-dir", str(tmp_path), timeout=600)
     [json_path] = tmp_path.glob("gpu-cpu-*-tiny-*.json")
     results = json.loads(json_path.read_text())
     r50 = results["resnet50_multicrop"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from hub_server import TEST_TOKEN, TEST_USER, client_env, start_hub_server
+from hub_server import PUSHED_MODEL_FILES, TEST_TOKEN, TEST_USER, client_env, start_hub_server
 from huggingface_hub import HfApi, hf_hub_download
 from torch import nn
 from torchvision.models import resnet50
@@ -447,13 +447,7 @@ def test_command_line_pushes_a_backbone_only_conversion_to_the_hub(tmp_path):
         assert "the TWIST head is freshly initialised" in done.stderr and "up to date" in done.stderr
         api = HfApi(endpoint=hub.endpoint, token=TEST_TOKEN)
         files = set(api.list_repo_files(repo))
-        assert {
-            "config.json",
-            "model.safetensors",
-            "preprocessor_config.json",
-            "README.md",
-            "modeling_twist.py",
-        } <= files
+        assert PUSHED_MODEL_FILES <= files
         card = hf_hub_download(repo, "README.md", endpoint=hub.endpoint, token=TEST_TOKEN, cache_dir=tmp_path / "cache")
         assert f"| Head | {FRESH_HEAD_NOTE} |" in Path(card).read_text()
     finally:
