@@ -4,6 +4,7 @@ YAML file (`--config path.yaml`) supplying defaults that command-line flags then
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -42,14 +43,14 @@ def read_yaml_options(path: str | os.PathLike, sections: Iterable[str] = ()) -> 
 
 
 def check_known_options(
-    options: dict, parser: HfArgumentParser, source: str | os.PathLike | None, help_command: str
+    options: dict, parser: HfArgumentParser, source: str | os.PathLike | None, help_command: str, hint: str = ""
 ) -> None:
-    """Reject option names the parser does not have, naming them and where to find the list."""
+    """Reject option names the parser does not have, naming them and where to find the list (plus `hint`)."""
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(
-            f"Unknown option(s) in {source}: {', '.join(unknown)}. Run `{help_command} --help` for the list."
+            f"Unknown option(s) in {source}: {', '.join(unknown)}. Run `{help_command} --help` for the list{hint}."
         )
 
 
@@ -65,7 +66,7 @@ def parse_with_config(
     parser: HfArgumentParser, argv: Sequence[str] | None, help_command: str, sections: Iterable[str] = ()
 ) -> tuple:
     """Parse argv into the parser's dataclasses, `--config` YAML values first, flags on top."""
-    config_path, rest = split_config_flag(list(argv) if argv is not None else [])
+    config_path, rest = split_config_flag(sys.argv[1:] if argv is None else argv)
     if config_path is not None:
         options = read_yaml_options(config_path, sections)
         check_known_options(options, parser, config_path, help_command)

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from transformers import HfArgumentParser
 
-from ..cli import split_config_flag
+from ..cli import check_known_options, read_yaml_options, split_config_flag
 from ..training.arguments import ARGUMENT_CLASSES, PretrainArguments, read_recipe
 from .trial import SWEEP_METRICS
 
@@ -96,9 +95,7 @@ def read_sweep_config(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Sweep config {path} does not exist; sweep configs live in tune/configs/.")
-    content = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(content, dict):
-        raise ValueError(f"Sweep config {path} must be a YAML mapping of option: value.")
+    content = read_yaml_options(path)
     if content.get("base_recipe"):
         content["base_recipe"] = str(_resolve_recipe(content["base_recipe"], path.parent))
     return content
@@ -132,10 +129,10 @@ def parse_sweep_args(argv: list[str]) -> SweepSetup:
 
 
 def _check_known(options: dict, source: str | None) -> None:
-    known = {f.name for cls in (*ARGUMENT_CLASSES, SweepArguments) for f in fields(cls)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(
-            f"Unknown option(s) in {source}: {', '.join(unknown)}. Run `python tune/sweep.py --help` "
-            "for the list (search_space entries go under `search_space:`)."
-        )
+    check_known_options(
+        options,
+        make_sweep_parser(),
+        source,
+        "python tune/sweep.py",
+        hint=" (search_space entries go under `search_space:`)",
+    )
