@@ -102,10 +102,10 @@ class BatchedViews:
         rank: int,
         world_size: int,
         seed: int,
-        skipped: SkippedImageCounter | None = None,
+        skipped: SkippedImageCounter,
     ):
         self.split = split
-        self.skipped = skipped or SkippedImageCounter()
+        self.skipped = skipped
         self.transform = transform
         self.batch_size = batch_size
         self.rank = rank

@@ -106,8 +106,14 @@ class RayReporter:
 
 def ray_train_loop(loop_config: dict) -> None:
     """What each Ray Train worker runs."""
-    torch.set_num_threads(max(1, int(loop_config["threads_per_worker"])))
-    train_worker(arguments_from_dict(loop_config["args"]), RayReporter())
+    args = arguments_from_dict(loop_config["args"])
+    set_worker_threads(args)
+    train_worker(args, RayReporter())
+
+
+def set_worker_threads(args: PretrainArguments) -> None:
+    """One torch thread per CPU the worker holds in Ray."""
+    torch.set_num_threads(max(1, int(worker_resources(args).get("CPU", 1))))
 
 
 def worker_resources(args: PretrainArguments) -> dict:
@@ -161,7 +167,7 @@ def build_torch_trainer(args: PretrainArguments, name: str, storage_path: str, c
     resources = worker_resources(args)
     return TorchTrainer(
         train_loop_per_worker=ray_train_loop,
-        train_loop_config={"args": args.to_dict(), "threads_per_worker": resources.get("CPU", 1)},
+        train_loop_config={"args": args.to_dict()},
         scaling_config=ScalingConfig(
             num_workers=args.launch.num_workers, use_gpu=args.launch.use_gpu, resources_per_worker=resources
         ),

@@ -453,8 +453,8 @@ class PretrainingRun:
             "global_step": total,
             "train_runtime": train_seconds,
             "train_images_per_second": (total - self.start_step) * self.global_batch / max(train_seconds, 1e-9),
+            "skipped_images": self._skipped_images(),
         }
-        results["skipped_images"] = self._skipped_images()
         if self.monitor is not None:
             results.update(self.monitor.evaluate(self.student.twist, self.accelerator))
         self.log.log(total, results)

@@ -146,9 +146,9 @@ def run_trial(config: dict, setup: dict) -> None:
 
 
 def _train_in_this_process(args: PretrainArguments, objective: Objective) -> dict:
-    from ..training.launch import worker_resources
+    from ..training.launch import set_worker_threads
 
-    torch.set_num_threads(max(1, int(worker_resources(args).get("CPU", 1))))
+    set_worker_threads(args)
     return train_worker(args, TuneReporter(objective))
 
 
