@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 
 import torch
-from harness import rates, ratio, summarise, time_repeated
+from harness import interleaved_seconds, rates, ratio, summarise, time_repeated
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
@@ -143,10 +143,7 @@ def run(
         }
         for one_pass in passes.values():
             time_repeated(one_pass, warmup=warmup, reps=1)
-        seconds = {name: [] for name in passes}
-        for _ in range(reps):  # pipelines take turns, so load drifting on a shared machine hits them alike
-            for name, one_pass in passes.items():
-                seconds[name].extend(time_repeated(one_pass, warmup=0, reps=1))
+        seconds = interleaved_seconds(passes, reps)
         results = {name: {"img_per_s": summarise(rates(values, len(blobs)))} for name, values in seconds.items()}
     finally:
         torch.set_num_threads(threads)

@@ -48,13 +48,7 @@ from twist_hf.evaluation import (
     plot_training_curves,
     semi_recipe,
 )
-from twist_hf.evaluation.finetune import (
-    REFERENCE_BATCH,
-    ClassifierLogits,
-    backbone_and_head_groups,
-    evaluate_classifier,
-    train_classifier,
-)
+from twist_hf.evaluation.finetune import finetune_classifier
 from twist_hf.transforms import BatchedMultiCrop, batched_eval_transform
 
 logger = logging.getLogger("fmnist_eval")
@@ -275,8 +269,6 @@ def finetune_metrics(
     recipe_epochs, backbone_lr = semi_recipe(label_fraction)
     torch.manual_seed(settings.seed)
     classifier = load_classifier(model_dir, data.class_names)
-    scale = SEMI_BATCH_SIZE / REFERENCE_BATCH
-    groups = backbone_and_head_groups(classifier, backbone_lr * scale, SEMI_HEAD_LR * scale)
     subset = torch.as_tensor(indices)
     train_loader = DataLoader(
         TensorDataset(data.train_images[subset], data.train_labels[subset]),
@@ -290,11 +282,8 @@ def finetune_metrics(
         batch_size=EXTRACTION_BATCH_SIZE,
         collate_fn=EvaluationBatches(classifier.config),
     )
-    model = train_classifier(
-        ClassifierLogits(classifier), groups, train_loader, settings.semi_epochs or recipe_epochs, accelerator
-    )
-    accuracy = evaluate_classifier(model, test_loader, accelerator)
-    return {"top1": accuracy[1], "top5": accuracy[5]}
+    epochs = settings.semi_epochs or recipe_epochs
+    return finetune_classifier(classifier, train_loader, test_loader, epochs, backbone_lr, SEMI_HEAD_LR, accelerator)
 
 
 def kmeans_cluster_logits(

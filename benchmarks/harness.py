@@ -42,6 +42,16 @@ def time_repeated(run_once: Callable[[], object], warmup: int, reps: int) -> lis
     return seconds
 
 
+def interleaved_seconds(calls: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+    """Seconds per call of each named callable, taking turns (one call of each per round) so that load drifting
+    on a shared machine hits them all alike."""
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, call in calls.items():
+            seconds[name].extend(time_repeated(call, warmup=0, reps=1))
+    return seconds
+
+
 def rates(seconds: list[float], items_per_call: int) -> list[float]:
     """Items per second of each timed call."""
     return [items_per_call / max(value, 1e-12) for value in seconds]

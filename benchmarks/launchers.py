@@ -119,8 +119,9 @@ def run(work_dir: Path, steps: int, rounds: int = 2, timeout_s: float = 600) -> 
         raise ValueError(f"Need at least one round, got rounds={rounds}.")
     seconds: dict[str, list[float]] = {}
     measured: dict[str, list[dict]] = {}
+    commands = launcher_commands(steps, work_dir)
     for _ in range(rounds):
-        for name, (command, output_dir) in launcher_commands(steps, work_dir).items():
+        for name, (command, output_dir) in commands.items():
             result = run_launcher(command, output_dir, timeout_s)
             seconds.setdefault(name, []).extend(steady_step_seconds(result.pop("log"), GLOBAL_BATCH))
             measured.setdefault(name, []).append(result)

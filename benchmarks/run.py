@@ -36,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smaller batches and fewer steps")
     size.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition, no launchers")
-    parser.add_argument("--quality", action="store_true", help="also run the default Fashion-MNIST recipe and its baselines (~7.5 min)")
+    parser.add_argument(
+        "--quality", action="store_true", help="also run the default Fashion-MNIST recipe and its baselines (~7.5 min)"
+    )
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     parser.add_argument(
         "--compile",

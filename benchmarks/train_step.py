@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from harness import PeakMemory, rates, ratio, summarise, time_repeated
+from harness import PeakMemory, interleaved_seconds, rates, ratio, summarise, time_repeated
 
 from twist_hf import TwistConfig, TwistForPreTraining
 
@@ -142,16 +142,6 @@ def warm_up(workload: Workload, variant: Variant, device: torch.device, warmup: 
         "peak_memory_mb": memory.peak_bytes / 2**20,
         "memory_measure": memory.kind,
     }
-
-
-def interleaved_seconds(steps: dict, reps: int) -> dict[str, list[float]]:
-    """Seconds per step of each variant, taking turns (one step of each per round) so that load drifting on a
-    shared machine hits every variant alike."""
-    seconds: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            seconds[name].extend(time_repeated(step, warmup=0, reps=1))
-    return seconds
 
 
 def measure_round(workload: Workload, variants: list[Variant], device: torch.device, warmup: int, reps: int) -> dict:

@@ -165,7 +165,21 @@ def semi_supervised_finetune(
         splits, splits.train.select(train_indices), processor, batch_size, num_workers
     )
     classifier = load_classifier(name_or_path, splits.class_names)
-    scale = batch_size * accelerator.num_processes / REFERENCE_BATCH
+    return finetune_classifier(classifier, train_loader, test_loader, epochs, backbone_lr, head_lr, accelerator)
+
+
+def finetune_classifier(
+    classifier: PreTrainedModel,
+    train_loader: DataLoader,
+    test_loader: DataLoader,
+    epochs: int,
+    backbone_lr: float,
+    head_lr: float,
+    accelerator: Accelerator,
+) -> dict[str, float]:
+    """Train backbone + classifier, learning rates per 256 images scaled linearly with the global batch of
+    `train_loader`; top-1/top-5 on `test_loader`."""
+    scale = train_loader.batch_size * accelerator.num_processes / REFERENCE_BATCH
     groups = backbone_and_head_groups(classifier, backbone_lr * scale, head_lr * scale)
     model = train_classifier(ClassifierLogits(classifier), groups, train_loader, epochs, accelerator)
     accuracy = evaluate_classifier(model, test_loader, accelerator)
