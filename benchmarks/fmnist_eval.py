@@ -35,16 +35,12 @@ from twist_hf.evaluation import (
     FeatureModel,
     FeatureSet,
     class_balanced_subset,
+    cluster_figures,
     cluster_metrics,
-    hungarian_match,
     knn_evaluate,
     linear_probe_on_features,
     load_classifier,
     load_feature_model,
-    matched_class_probabilities,
-    matched_predictions,
-    plot_confusion_matrix,
-    plot_top3_predictions,
     plot_training_curves,
     semi_recipe,
 )
@@ -377,26 +373,14 @@ def draw_figures(
 ) -> list[Path]:
     """top3_predictions.png and confusion_matrix.png from the trained head (Hungarian-matched), and
     training_curves.png when the model folder has a log.jsonl."""
-    clusters = test.logits.argmax(dim=1).numpy()
-    labels = test.labels.numpy()
-    cluster_to_label = hungarian_match(clusters, labels, test.logits.shape[1], data.num_classes)
-    rng = np.random.default_rng(settings.seed)
-    chosen = np.sort(rng.choice(len(labels), size=min(settings.figure_images, len(labels)), replace=False))
-    probabilities = matched_class_probabilities(test.logits[chosen].softmax(dim=1), cluster_to_label)
-    # With K > 10 clusters most mass sits in unmatched ones: show the distribution over the 10 classes.
-    probabilities = probabilities / probabilities.sum(dim=1, keepdim=True)
-    images = [PIL.Image.fromarray(data.test_images[i].numpy()) for i in chosen]
-    figures = [
-        plot_top3_predictions(
-            images, probabilities, labels[chosen].tolist(), data.class_names, output / "top3_predictions.png"
-        ),
-        plot_confusion_matrix(
-            labels,
-            matched_predictions(clusters, cluster_to_label),
-            data.class_names,
-            output / "confusion_matrix.png",
-        ),
-    ]
+    figures = cluster_figures(
+        test,
+        lambda chosen: [PIL.Image.fromarray(data.test_images[i].numpy()) for i in chosen],
+        data.class_names,
+        settings.figure_images,
+        settings.seed,
+        output,
+    )
     log = Path(model_dir) / "log.jsonl"
     if log.is_file():
         figures.append(plot_training_curves(log, output / "training_curves.png"))

@@ -24,7 +24,7 @@ from .linear import StackedLinearProbes, linear_probe_on_features, train_linear_
 from .metrics import topk_accuracy
 from .plots import plot_confusion_matrix, plot_top3_predictions, plot_training_curves, read_training_log
 from .reporting import save_eval_results, update_model_card
-from .runner import run_evaluation, semi_recipe
+from .runner import cluster_figures, run_evaluation, semi_recipe
 
 __all__ = [
     "ClusterArguments",
@@ -37,6 +37,7 @@ __all__ = [
     "SemiArguments",
     "StackedLinearProbes",
     "class_balanced_subset",
+    "cluster_figures",
     "cluster_metrics",
     "extract_features",
     "hungarian_match",

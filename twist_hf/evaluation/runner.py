@@ -3,6 +3,7 @@
 import logging
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -225,7 +226,14 @@ def _write_outputs(
     if eval_args.update_model_card and os.path.isdir(eval_args.model):
         update_model_card(eval_args.model, metrics, _card_dataset_id(eval_args))
     if eval_args.figures and "cluster_acc" in metrics:
-        _cluster_figures(features["test"], splits, cluster_args.cluster_figure_images, eval_args.seed, output_dir)
+        cluster_figures(
+            features["test"],
+            lambda chosen: splits.test.select(chosen)[splits.image_column],
+            splits.class_names,
+            cluster_args.cluster_figure_images,
+            eval_args.seed,
+            output_dir,
+        )
     if eval_args.training_log is not None:
         plot_training_curves(eval_args.training_log, output_dir / "training_curves.png")
 
@@ -239,27 +247,29 @@ def _card_dataset_id(eval_args: EvalArguments) -> str:
     return HUB_DATASET_IDS.get(eval_args.dataset, eval_args.dataset)
 
 
-def _cluster_figures(test: FeatureSet, splits: LabelledSplits, count: int, seed: int, output_dir: Path) -> None:
-    """top3_predictions.png on a seeded sample of test images and the matched confusion_matrix.png."""
+def cluster_figures(
+    test: FeatureSet,
+    images: Callable[[np.ndarray], Sequence],
+    class_names: Sequence[str],
+    count: int,
+    seed: int,
+    output_dir: Path,
+) -> list[Path]:
+    """top3_predictions.png on a seeded sample of `count` test images (`images(indices)` gives them) and the
+    Hungarian-matched confusion_matrix.png of the head."""
     clusters = test.logits.argmax(dim=1).numpy()
     labels = test.labels.numpy()
-    cluster_to_label = hungarian_match(clusters, labels, test.logits.shape[1], splits.num_classes)
-    plot_confusion_matrix(
-        labels,
-        matched_predictions(clusters, cluster_to_label),
-        splits.class_names,
-        output_dir / "confusion_matrix.png",
-    )
+    cluster_to_label = hungarian_match(clusters, labels, test.logits.shape[1], len(class_names))
     chosen = np.sort(np.random.default_rng(seed).choice(len(labels), size=min(count, len(labels)), replace=False))
     probabilities = matched_class_probabilities(test.logits[chosen].softmax(dim=1), cluster_to_label)
-    images = splits.test.select(chosen)[splits.image_column]
-    plot_top3_predictions(
-        images,
-        probabilities,
-        labels[chosen].tolist(),
-        splits.class_names,
-        output_dir / "top3_predictions.png",
+    # With more clusters than classes much of the mass sits in unmatched ones: show the distribution over the classes.
+    probabilities = probabilities / probabilities.sum(dim=1, keepdim=True)
+    top3 = plot_top3_predictions(
+        images(chosen), probabilities, labels[chosen].tolist(), class_names, output_dir / "top3_predictions.png"
     )
+    predictions = matched_predictions(clusters, cluster_to_label)
+    confusion = plot_confusion_matrix(labels, predictions, class_names, output_dir / "confusion_matrix.png")
+    return [top3, confusion]
 
 
 def _default_output_dir(model: str) -> str:
