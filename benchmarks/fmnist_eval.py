@@ -15,7 +15,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -300,6 +300,7 @@ def evaluate_network(
     column: str,
     model_dir: str,
     data: FmnistData,
+    subsets: dict[str, np.ndarray],
     settings: BenchmarkSettings,
     timer: PartTimer,
     accelerator: Accelerator,
@@ -317,14 +318,18 @@ def evaluate_network(
     metrics = frozen_feature_metrics(column, train, test, data, settings, timer)
     with timer.part(column, "cluster"):
         metrics |= cluster_metrics(test.logits, test.labels, data.num_classes)
-    for name, indices in label_subsets(data.train_labels, settings.seed).items():
-        with timer.part(column, f"semi_{name}"):
-            accuracy = finetune_metrics(model_dir, data, indices, LABEL_FRACTIONS[name], settings, accelerator)
-        metrics |= {f"semi_{name}_top1": accuracy["top1"], f"semi_{name}_top5": accuracy["top5"]}
+    metrics |= semi_supervised_metrics(
+        column,
+        subsets,
+        timer,
+        lambda indices, fraction: finetune_metrics(model_dir, data, indices, fraction, settings, accelerator),
+    )
     return metrics, test
 
 
-def evaluate_pixels(data: FmnistData, settings: BenchmarkSettings, timer: PartTimer) -> dict[str, float]:
+def evaluate_pixels(
+    data: FmnistData, subsets: dict[str, np.ndarray], settings: BenchmarkSettings, timer: PartTimer
+) -> dict[str, float]:
     """Every protocol on raw pixels: linear classifiers stand in for fine-tuning, k-means for the head."""
     with timer.part("pixels", "features"):
         train = pixel_features(data.train_images, data.train_labels)
@@ -333,9 +338,26 @@ def evaluate_pixels(data: FmnistData, settings: BenchmarkSettings, timer: PartTi
     with timer.part("pixels", "cluster"):
         logits = kmeans_cluster_logits(train, test, data.num_classes, settings)
         metrics |= cluster_metrics(logits, test.labels, data.num_classes)
-    for name, indices in label_subsets(data.train_labels, settings.seed).items():
-        with timer.part("pixels", f"semi_{name}"):
-            accuracy = pixel_semi_metrics(train, test, indices, data.num_classes, settings)
+    metrics |= semi_supervised_metrics(
+        "pixels",
+        subsets,
+        timer,
+        lambda indices, _: pixel_semi_metrics(train, test, indices, data.num_classes, settings),
+    )
+    return metrics
+
+
+def semi_supervised_metrics(
+    column: str,
+    subsets: dict[str, np.ndarray],
+    timer: PartTimer,
+    fine_tune: Callable[[np.ndarray, float], dict[str, float]],
+) -> dict[str, float]:
+    """semi_<subset>_top1/top5 of `fine_tune(indices, label_fraction)` on each labelled subset, each timed."""
+    metrics = {}
+    for name, indices in subsets.items():
+        with timer.part(column, f"semi_{name}"):
+            accuracy = fine_tune(indices, LABEL_FRACTIONS[name])
         metrics |= {f"semi_{name}_top1": accuracy["top1"], f"semi_{name}_top5": accuracy["top5"]}
     return metrics
 
@@ -468,11 +490,12 @@ def run_benchmark(model_dir: str, output: Path, settings: BenchmarkSettings, com
     timer, accelerator = PartTimer(), Accelerator()
     output.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, dict[str, float]] = {}
-    metrics["twist"], twist_test = evaluate_network("twist", model_dir, data, settings, timer, accelerator)
+    subsets = label_subsets(data.train_labels, settings.seed)
+    metrics["twist"], twist_test = evaluate_network("twist", model_dir, data, subsets, settings, timer, accelerator)
     with tempfile.TemporaryDirectory(prefix="fmnist-random-init-") as random_dir:
         random_model = save_random_init_copy(model_dir, Path(random_dir), settings.seed)
-        metrics["random"], _ = evaluate_network("random", random_model, data, settings, timer, accelerator)
-    metrics["pixels"] = evaluate_pixels(data, settings, timer)
+        metrics["random"], _ = evaluate_network("random", random_model, data, subsets, settings, timer, accelerator)
+    metrics["pixels"] = evaluate_pixels(data, subsets, settings, timer)
     figures = draw_figures(model_dir, twist_test, data, settings, output)
     results = {
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
