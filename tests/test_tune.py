@@ -217,12 +217,17 @@ def test_two_worker_trials_run_ray_train_inside_each_trial(tmp_path, local_ray):
         )
 
 
+# Trials long enough that Tune's stop signal, sent once both have a checkpoint, lands before they finish (at 3
+# epochs of 8 tiny steps they sometimes completed first).
+EPOCHS_TO_INTERRUPT = 8
+
+
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_from_trial_checkpoints(tmp_path, local_ray):
-    setup = sweep_setup(tmp_path, num_train_epochs=3)
+    setup = sweep_setup(tmp_path, num_train_epochs=EPOCHS_TO_INTERRUPT)
     plan = plan_sweep(setup)
-    interrupt_after_first_checkpoint(plan.experiment_path)
-    first = run_sweep(sweep_setup(tmp_path, num_train_epochs=3))
+    interrupt_after_first_checkpoint(plan.experiment_path, trials=2)
+    first = run_sweep(sweep_setup(tmp_path, num_train_epochs=EPOCHS_TO_INTERRUPT))
     assert first.unfinished >= 1
 
     resumed = parse_sweep_args(
@@ -240,16 +245,16 @@ def test_interrupted_sweep_resumes_from_trial_checkpoints(tmp_path, local_ray):
         first_epoch_steps = [step for step in logged if step <= steps_per_epoch]
         # A restart from scratch would log the first epoch twice; a resume continues after its checkpoint.
         assert sorted(first_epoch_steps) == sorted(set(first_epoch_steps)) == [4, 8]
-        assert max(logged) == 3 * steps_per_epoch
+        assert max(logged) == EPOCHS_TO_INTERRUPT * steps_per_epoch
 
 
-def interrupt_after_first_checkpoint(experiment_path: Path, timeout: float = 240) -> None:
-    """Send this process SIGUSR1 (Tune's 'stop and save the sweep' signal) once a trial has checkpointed."""
+def interrupt_after_first_checkpoint(experiment_path: Path, trials: int, timeout: float = 240) -> None:
+    """Send this process SIGUSR1 (Tune's 'stop and save the sweep' signal) once every trial has checkpointed."""
 
     def watch():
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if any(experiment_path.glob("*/checkpoint_000000")):
+            if len({path.parent for path in experiment_path.glob("*/checkpoint_*")}) >= trials:
                 os.kill(os.getpid(), signal.SIGUSR1)
                 return
             time.sleep(0.2)
