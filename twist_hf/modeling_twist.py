@@ -14,7 +14,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 
 from .configuration_twist import TwistConfig
-from .distributed import BunchBatchNorm, convert_to_distributed_batch_norm, world_size
+from .distributed import BunchBatchNorm, bunch_layout, convert_to_distributed_batch_norm, world_size
 from .losses import TwistLossTerms, momentum_twist_loss, self_label_loss, twist_loss
 
 # Every TWIST class, so that a folder saved from any of them loads with each Auto class remotely.
@@ -317,14 +317,8 @@ class TwistForPreTraining(TwistPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
     def _check_bunch(self, batch: int) -> None:
-        if self.training and self.config.last_norm == "bunch" and world_size() > 1:
-            ranks = self.config.bunch_size // batch
-            if batch < self.config.bunch_size and (self.config.bunch_size % batch or world_size() % ranks):
-                raise ValueError(
-                    f"bunch_size {self.config.bunch_size} with a per-device batch of {batch} spans "
-                    f"{self.config.bunch_size / batch:g} ranks, which does not divide the {world_size()} ranks. "
-                    "Change bunch_size or the per-device batch size."
-                )
+        if self.training and self.config.last_norm == "bunch":
+            bunch_layout(batch, self.config.bunch_size, world_size())
 
     def _fill_loss(
         self, output: TwistForPreTrainingOutput, teacher_logits: torch.Tensor | None, self_label_quantile: float | None

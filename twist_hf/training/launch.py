@@ -52,17 +52,9 @@ def _check_bunch(config, batch: int, world: int) -> None:
     if config.last_norm != "bunch":
         return
     try:
-        bunch_layout(batch, config.bunch_size)
+        bunch_layout(batch, config.bunch_size, world)
     except ValueError as error:
-        raise LaunchError(str(error)) from error
-    # bunch_layout answers for this process's world (1 in the driver): count the ranks a bunch spans here.
-    ranks = max(config.bunch_size // batch, 1)
-    if world > 1 and ranks > 1 and world % ranks:
-        raise LaunchError(
-            f"bunch_size {config.bunch_size} with per_device_train_batch_size {batch} spans {ranks} workers, which "
-            f"does not divide the {world} workers. Change --bunch_size, --per_device_train_batch_size or "
-            "--num_workers."
-        )
+        raise LaunchError(f"{error} (options: --bunch_size, --per_device_train_batch_size, --num_workers)") from error
 
 
 def _check_output_dir(args: PretrainArguments) -> None:
