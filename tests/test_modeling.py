@@ -141,7 +141,7 @@ def test_bad_config_values_are_rejected(overrides, message):
 
 
 def test_unknown_preset_and_backbone_type_are_rejected():
-    with pytest.raises(ValueError, match="Unknown TWIST preset 'resnet-9000'.*resnet50"):
+    with pytest.raises(ValueError, match="TWIST preset must be one of 'resnet50'.*got 'resnet-9000'"):
         TwistConfig.from_preset("resnet-9000")
     with pytest.raises(ValueError, match="Unknown backbone type 'resnot'"):
         TwistConfig(backbone_config={"model_type": "resnot"})

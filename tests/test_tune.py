@@ -67,7 +67,7 @@ def read_trials(output_dir: Path) -> pd.DataFrame:
         ({"search_space": {}}, "search space is empty"),
         ({"search_space": {"tau": {"grid": [0.2, -1.0]}}}, "value -1.0 cannot be trained.*tau must be > 0"),
         ({"search_space": {"lam1": {"uniform": [0.0, 1.0]}}, "search_alg": "grid"}, "needs grid or choice"),
-        ({"metric": "loss"}, "--metric must be one of knn_top1"),
+        ({"metric": "loss"}, "--metric must be one of 'knn_top1'"),
         ({"eval_split": ""}, "held-out labelled split"),
         ({"learning_rat": 0.1}, "Unknown option.*learning_rat"),
     ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -157,10 +158,10 @@ class TwistConfig(PreTrainedConfig):
 
     def _check_twist_arguments(self) -> None:
         """Reject values the method cannot train with, saying what to use instead."""
-        _check_choice("head_norm", self.head_norm, HEAD_NORMS)
-        _check_choice("head_activation", self.head_activation, HEAD_ACTIVATIONS)
-        _check_choice("head_init", self.head_init, HEAD_INITS)
-        _check_choice("last_norm", self.last_norm, LAST_NORMS)
+        check_choice("head_norm", self.head_norm, HEAD_NORMS)
+        check_choice("head_activation", self.head_activation, HEAD_ACTIVATIONS)
+        check_choice("head_init", self.head_init, HEAD_INITS)
+        check_choice("last_norm", self.last_norm, LAST_NORMS)
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0 (it divides the logits), got {self.tau}.")
         if self.eps <= 0:
@@ -193,14 +194,14 @@ class TwistConfig(PreTrainedConfig):
     @classmethod
     def from_preset(cls, name: str, **overrides) -> TwistConfig:
         """A config for one of the paper's networks (see `TWIST_PRESETS`), with field overrides."""
-        if name not in TWIST_PRESETS:
-            raise ValueError(f"Unknown TWIST preset {name!r}. Available presets: {', '.join(TWIST_PRESETS)}.")
+        check_choice("TWIST preset", name, tuple(TWIST_PRESETS))
         kwargs = copy.deepcopy(TWIST_PRESETS[name])
         kwargs.update(overrides)
         return cls(**kwargs)
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    """The one check of an option with a fixed set of values: a clear error naming the option and its choices."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .configuration_twist import TWIST_PRESETS, TwistConfig
+from .configuration_twist import TWIST_PRESETS, TwistConfig, check_choice
 from .hub import HubPusher
 from .model_card import write_model_card
 from .modeling_twist import TwistModel
@@ -230,8 +230,10 @@ def resolve_architecture(backbone: Mapping[str, torch.Tensor], arch: str | None 
 
 
 def _forced_architecture(backbone: Mapping[str, torch.Tensor], arch: str) -> Architecture:
-    if arch not in ARCHITECTURES:
-        raise ConversionError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {arch!r}.")
+    try:
+        check_choice("--arch", arch, ARCHITECTURES)
+    except ValueError as error:
+        raise ConversionError(str(error)) from error
     family = "resnet" if arch.startswith("resnet") else "vit"
     overrides = {}
     if family == "vit" and "pos_embed" in backbone and "patch_embed.proj.weight" in backbone:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..distributed import bunch_layout
+from ..hub import require_hub_token
 from .arguments import PretrainArguments, arguments_from_dict
 from .checkpoint import MODEL_DIR
 from .data import check_dataset
@@ -68,10 +69,10 @@ def _check_output_dir(args: PretrainArguments) -> None:
 
 
 def _check_hub_token(args: PretrainArguments) -> None:
-    from huggingface_hub import get_token
-
-    if not (args.training.hub_token or get_token()):
-        raise LaunchError("--push_to_hub needs a token: pass --hub_token, set HF_TOKEN, or run `hf auth login`.")
+    try:
+        require_hub_token(args.training.hub_token, "--push_to_hub")
+    except ValueError as error:
+        raise LaunchError(str(error)) from error
 
 
 def run_local(args: PretrainArguments) -> dict:

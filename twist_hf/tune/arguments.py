@@ -15,6 +15,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from ..cli import check_known_options, read_yaml_options, split_config_flag
+from ..configuration_twist import check_choice
 from ..training.arguments import ARGUMENT_CLASSES, PretrainArguments, read_recipe
 from .trial import SWEEP_METRICS
 
@@ -67,8 +68,7 @@ class SweepArguments:
             ("search_alg", self.search_alg, SEARCH_ALGORITHMS),
             ("scheduler", self.scheduler, SCHEDULERS),
         ):
-            if value not in choices:
-                raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {value!r}.")
+            check_choice(f"--{name}", value, choices)
         if self.num_samples < 1:
             raise ValueError("--num_samples must be at least 1.")
         if self.max_concurrent_trials < 0:

@@ -10,6 +10,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..hub import require_hub_token
 from ..training.arguments import PretrainArguments
 from ..training.launch import start_ray, validate_before_launch, worker_resources
 from .arguments import SweepSetup
@@ -83,10 +84,12 @@ def _check_metric(metric: str, base: PretrainArguments) -> None:
 
 
 def _check_hub(sweep, base: PretrainArguments) -> None:
-    from huggingface_hub import get_token
-
-    if sweep.push_best_to_hub and not (base.training.hub_token or get_token()):
-        raise SweepError("--push_best_to_hub needs a token: pass --hub_token, set HF_TOKEN, or run `hf auth login`.")
+    if not sweep.push_best_to_hub:
+        return
+    try:
+        require_hub_token(base.training.hub_token, "--push_best_to_hub")
+    except ValueError as error:
+        raise SweepError(str(error)) from error
 
 
 def _check_values(plan: SweepPlan) -> None:
