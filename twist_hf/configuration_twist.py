@@ -10,10 +10,12 @@ from transformers import PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING, AutoConfig
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-FASHION_MNIST_MEAN = [0.2860, 0.2860, 0.2860]
-FASHION_MNIST_STD = [0.3530, 0.3530, 0.3530]
+# The one definition of the normalisation statistics, per channel of images in [0, 1]. Fashion-MNIST is
+# grayscale: one channel, repeated where a model reads RGB (`rgb_statistics`).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
 
 HEAD_NORMS = ("batch_norm", "layer_norm", "none")
 HEAD_ACTIVATIONS = ("relu", "gelu")
@@ -30,7 +32,13 @@ def _timm_vit(architecture: str, drop_path_rate: float) -> dict:
     return {"model_type": "timm_wrapper", "architecture": architecture, "model_args": model_args}
 
 
-_IMAGENET = {"image_size": 224, "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD}
+def rgb_statistics(values: tuple[float, ...]) -> list[float]:
+    """Per-channel statistics for RGB input: three values as they are, one grayscale value repeated."""
+    return list(values * 3 if len(values) == 1 else values)
+
+
+_IMAGENET = {"image_size": 224, "image_mean": rgb_statistics(IMAGENET_MEAN), "image_std": rgb_statistics(IMAGENET_STD)}
+_FASHION_MNIST = {"image_mean": rgb_statistics(FASHION_MNIST_MEAN), "image_std": rgb_statistics(FASHION_MNIST_STD)}
 _VIT_HEAD = {"head_activation": "gelu", "head_init": "trunc_normal", "lam1": -0.6, "lam2": 1.0}
 
 TWIST_PRESETS: dict[str, dict] = {
@@ -54,8 +62,7 @@ TWIST_PRESETS: dict[str, dict] = {
         "num_classes": 256,
         "bunch_size": 128,
         "image_size": 28,
-        "image_mean": FASHION_MNIST_MEAN,
-        "image_std": FASHION_MNIST_STD,
+        **_FASHION_MNIST,
     },
     "tiny-resnet": {
         "backbone_config": _resnet(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"),
@@ -64,8 +71,7 @@ TWIST_PRESETS: dict[str, dict] = {
         "num_classes": 16,
         "bunch_size": 8,
         "image_size": 16,
-        "image_mean": FASHION_MNIST_MEAN,
-        "image_std": FASHION_MNIST_STD,
+        **_FASHION_MNIST,
     },
 }
 
@@ -151,8 +157,8 @@ class TwistConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if isinstance(self.backbone_config, dict):
             self.backbone_config = _backbone_config_from_dict(self.backbone_config)
-        self.image_mean = list(self.image_mean if self.image_mean is not None else IMAGENET_MEAN)
-        self.image_std = list(self.image_std if self.image_std is not None else IMAGENET_STD)
+        self.image_mean = list(self.image_mean) if self.image_mean is not None else rgb_statistics(IMAGENET_MEAN)
+        self.image_std = list(self.image_std) if self.image_std is not None else rgb_statistics(IMAGENET_STD)
         self._check_twist_arguments()
         super().__post_init__(**kwargs)
 
