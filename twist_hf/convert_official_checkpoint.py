@@ -28,7 +28,7 @@ import torch
 
 from .configuration_twist import TWIST_PRESETS, TwistConfig, check_choice
 from .hub import HubPusher
-from .model_card import write_model_card
+from .model_card import model_config_summary, write_model_card
 from .modeling_twist import TwistModel
 
 logger = logging.getLogger(__name__)
@@ -580,24 +580,10 @@ def save_conversion(
     write_model_card(
         output,
         model_id=model_id or output.resolve().name,
-        config_summary=_config_summary(conversion),
+        config_summary=model_config_summary(conversion.model.config),
         training_summary=_training_summary(conversion, dataset),
     )
     return output
-
-
-def _config_summary(conversion: Conversion) -> dict[str, Any]:
-    config = conversion.model.config
-    return {
-        "Architecture": conversion.architecture.preset,
-        "Backbone": conversion.architecture.description,
-        "Feature size": conversion.model.feature_size,
-        "TWIST classes (K)": config.num_classes,
-        "Head hidden size (H)": config.head_hidden_size,
-        "Head norm / last norm": f"{config.head_norm} / {config.last_norm}",
-        "tau, lam1, lam2": f"{config.tau}, {config.lam1}, {config.lam2}",
-        "Bunch size": config.bunch_size,
-    }
 
 
 def _training_summary(conversion: Conversion, dataset: str) -> dict[str, Any]:
@@ -607,6 +593,7 @@ def _training_summary(conversion: Conversion, dataset: str) -> dict[str, Any]:
         "Trained by": "the TWIST authors; converted with `python -m twist_hf.convert_official_checkpoint`",
         "Source checkpoint": f"{record['checkpoint']} (sha256 {record['sha256'][:16]}...)",
         "Network converted": record["network"],
+        "Architecture": f"{conversion.architecture.description} (preset {conversion.architecture.preset})",
         "Epochs": record["epoch"] if record["epoch"] is not None else "not recorded",
         "Head": record["head"],
     }
