@@ -21,15 +21,16 @@ from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundErro
 from huggingface_hub.utils import filter_repo_objects, set_client_factory
 
 from .configuration_twist import check_choice
+from .outputs import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, HUB_CHECKPOINT_DIR, RAY_STORAGE_DIR
 
 logger = logging.getLogger(__name__)
 
 HUB_STRATEGIES = ("end", "every_save", "checkpoint")
-CHECKPOINT_FOLDER = "last-checkpoint"
+CHECKPOINT_FOLDER = HUB_CHECKPOINT_DIR
 DEFAULT_IGNORE_PATTERNS = (
-    "checkpoint-*/**",
-    "checkpoints/**",
-    "ray/**",
+    f"{CHECKPOINT_PREFIX}*/**",
+    f"{CHECKPOINTS_DIR}/**",
+    f"{RAY_STORAGE_DIR}/**",
     f"{CHECKPOINT_FOLDER}/**",
     ".git/**",
     "**/.git/**",

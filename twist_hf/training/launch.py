@@ -15,10 +15,10 @@ import torch
 
 from ..distributed import bunch_layout
 from ..hub import require_hub_token
+from ..outputs import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, LOG_FILE, MODEL_DIR, RAY_STORAGE_DIR, RESULTS_FILE
 from .arguments import PretrainArguments, arguments_from_dict
-from .checkpoint import MODEL_DIR
 from .data import check_dataset
-from .loop import RESULTS_FILE, LocalReporter, train_worker
+from .loop import LocalReporter, train_worker
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class RayReporter:
         import ray.train
 
         ray_checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
-        name = f"checkpoint-{metrics['global_step']:09d}" if checkpoint is not None else None
+        name = f"{CHECKPOINT_PREFIX}{metrics['global_step']:09d}" if checkpoint is not None else None
         ray.train.report(metrics, checkpoint=ray_checkpoint, checkpoint_dir_name=name)
 
     def restored_checkpoint(self) -> Path | None:
@@ -182,7 +182,7 @@ def run_ray(args: PretrainArguments) -> dict:
     try:
         _check_cluster(args)
         output_dir = Path(args.training.output_dir).resolve()
-        storage = args.launch.storage_path or str(output_dir / "ray")
+        storage = args.launch.storage_path or str(output_dir / RAY_STORAGE_DIR)
         trainer = build_torch_trainer(
             args,
             name=f"{output_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -223,12 +223,12 @@ def summary_lines(args: PretrainArguments, metrics: dict) -> list[str]:
     lines = [
         f"Model (AutoModel.from_pretrained): {output}",
         f"Results: {output / RESULTS_FILE}",
-        f"Training log: {output / 'log.jsonl'}",
+        f"Training log: {output / LOG_FILE}",
     ]
     if "checkpoints" in metrics:
         lines.append(f"Checkpoints (Ray storage): {metrics['checkpoints']}")
     else:
-        lines.append(f"Checkpoints: {output / 'checkpoints'}")
+        lines.append(f"Checkpoints: {output / CHECKPOINTS_DIR}")
     shown = {
         key: metrics[key]
         for key in ("knn_top1", "knn_top5", "train_runtime", "train_images_per_second", "skipped_images")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..hub import require_hub_token
+from ..outputs import RAY_STORAGE_DIR
 from ..training.arguments import PretrainArguments
 from ..training.launch import start_ray, validate_before_launch, worker_resources
 from .arguments import SweepSetup
@@ -71,7 +72,7 @@ def plan_sweep(setup: SweepSetup) -> SweepPlan:
     _check_metric(sweep.metric, base)
     _check_hub(sweep, base)
     output_dir = Path(base.training.output_dir).resolve()
-    storage = Path(base.launch.storage_path).resolve() if base.launch.storage_path else output_dir / "ray"
+    storage = Path(base.launch.storage_path).resolve() if base.launch.storage_path else output_dir / RAY_STORAGE_DIR
     plan = SweepPlan(setup, dimensions, output_dir, storage, sweep.sweep_name or output_dir.name)
     _check_values(plan)
     _check_output(plan)
