@@ -1,6 +1,7 @@
 """The TWIST model family: presets, outputs, Auto classes, remote code, pipelines and bad input."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,9 @@ from twist_hf import (
     TwistForPreTraining,
     TwistModel,
 )
+from twist_hf.configuration_twist import TWIST_AUTO_MAP
 from twist_hf.distributed import BunchBatchNorm, DistributedBatchNorm2d
+from twist_hf.model_card import model_config_summary, write_model_card
 
 
 def tiny_config(**overrides) -> TwistConfig:
@@ -203,6 +206,23 @@ def test_saved_folder_has_weights_code_and_processor(saved_model):
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModel"] == "modeling_twist.TwistModel"
     assert auto_map["AutoConfig"] == "configuration_twist.TwistConfig"
+
+
+def test_a_foreign_auto_map_warns_on_load_and_is_not_passed_on(saved_model, tmp_path, caplog):
+    """A folder whose config points an Auto class at someone else's code (issue 12, item 7)."""
+    folder = shutil.copytree(saved_model[0], tmp_path / "downloaded")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {**config["auto_map"], "AutoModel": "attacker/repo--modeling.Evil", "AutoTokenizer": "x.Y"}
+    (folder / "config.json").write_text(json.dumps(config))
+
+    with caplog.at_level("WARNING"):
+        model = TwistForPreTraining.from_pretrained(folder)
+    assert "attacker/repo--modeling.Evil" in caplog.text and "not TWIST's own classes" in caplog.text
+    out = tmp_path / "trained"
+    model.save_pretrained(out)
+    write_model_card(out, model_id="me/twist", config_summary=model_config_summary(model.config), training_summary={})
+    assert json.loads((out / "config.json").read_text())["auto_map"] == TWIST_AUTO_MAP
+    assert not [path.name for path in out.iterdir() if "attacker" in path.read_text(errors="replace")]
 
 
 def test_pretraining_checkpoint_loads_as_twist_model_with_identical_outputs(saved_model):

@@ -9,6 +9,9 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING, AutoConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # The one definition of the normalisation statistics, per channel of images in [0, 1]. Fashion-MNIST is
 # grayscale: one channel, repeated where a model reads RGB (`rgb_statistics`).
@@ -16,6 +19,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
+
+# The one map of the TWIST classes to the Auto classes: it is the `auto_map` a saved folder carries (so it
+# loads with `trust_remote_code=True`) and what `import twist_hf` registers with the Auto classes.
+TWIST_AUTO_MAP = {
+    "AutoConfig": "configuration_twist.TwistConfig",
+    "AutoModel": "modeling_twist.TwistModel",
+    "AutoModelForPreTraining": "modeling_twist.TwistForPreTraining",
+    "AutoModelForImageClassification": "modeling_twist.TwistForImageClassification",
+}
 
 HEAD_NORMS = ("batch_norm", "layer_norm", "none")
 HEAD_ACTIVATIONS = ("relu", "gelu")
@@ -161,6 +173,21 @@ class TwistConfig(PreTrainedConfig):
         self.image_std = list(self.image_std) if self.image_std is not None else rgb_statistics(IMAGENET_STD)
         self._check_twist_arguments()
         super().__post_init__(**kwargs)
+        self._drop_foreign_auto_map()
+
+    def _drop_foreign_auto_map(self) -> None:
+        """Keep only TWIST's own `auto_map` entries, warning about others: a folder's config must never make
+        `trust_remote_code=True` run code that is not TWIST's, and a model saved from it must not pass it on."""
+        auto_map = getattr(self, "auto_map", None)
+        if not auto_map:
+            return
+        foreign = {name: target for name, target in auto_map.items() if TWIST_AUTO_MAP.get(name) != target}
+        if foreign:
+            logger.warning(
+                f"Ignoring auto_map entries that are not TWIST's own classes: {foreign}. A model saved from this "
+                "config carries only TWIST's auto_map; check where this folder came from."
+            )
+            self.auto_map = {name: target for name, target in auto_map.items() if name not in foreign}
 
     def _check_twist_arguments(self) -> None:
         """Reject values the method cannot train with, saying what to use instead."""

@@ -13,17 +13,9 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 
-from .configuration_twist import TwistConfig
+from .configuration_twist import TWIST_AUTO_MAP, TwistConfig
 from .distributed import BunchBatchNorm, bunch_layout, convert_to_distributed_batch_norm, world_size
 from .losses import TwistLossTerms, momentum_twist_loss, self_label_loss, twist_loss
-
-# Every TWIST class, so that a folder saved from any of them loads with each Auto class remotely.
-TWIST_AUTO_MAP = {
-    "AutoConfig": "configuration_twist.TwistConfig",
-    "AutoModel": "modeling_twist.TwistModel",
-    "AutoModelForPreTraining": "modeling_twist.TwistForPreTraining",
-    "AutoModelForImageClassification": "modeling_twist.TwistForImageClassification",
-}
 
 # Backbones whose pooler is a trained dense layer rather than the feature itself: use the CLS token.
 _CLS_TOKEN_BACKBONES = ("vit", "deit")
@@ -183,8 +175,8 @@ class TwistPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """Save the model and, next to it, the image processor that `AutoImageProcessor` and pipelines load."""
-        if self._auto_class is not None:
-            self.config.auto_map = {**TWIST_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        if self._auto_class is not None:  # every TWIST class, so the folder loads with each Auto class remotely
+            self.config.auto_map = dict(TWIST_AUTO_MAP)
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             twist_image_processor(self.config).save_pretrained(save_directory)
