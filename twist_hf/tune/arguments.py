@@ -21,7 +21,6 @@ from .trial import SWEEP_METRICS
 
 SEARCH_ALGORITHMS = ("random", "grid", "optuna")
 SCHEDULERS = ("asha", "fifo")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -31,7 +30,8 @@ class SweepArguments:
     base_recipe: str | None = field(
         default=None,
         metadata={
-            "help": "Pretraining recipe every trial starts from (relative to the sweep YAML, or the repository root)."
+            "help": "Pretraining recipe every trial starts from: a path relative to the sweep YAML (in the YAML), "
+            "to the current folder, or absolute."
         },
     )
     search_space: dict | str | None = field(
@@ -102,10 +102,17 @@ def read_sweep_config(path: str | os.PathLike) -> dict:
 
 
 def _resolve_recipe(name: str, folder: Path) -> Path:
-    for candidate in (folder / name, Path(name), REPO_ROOT / name):
+    """The recipe file by an explicit path (relative to `folder` first), so a sweep runs the same from an
+    installed package as from a checkout."""
+    candidates = (folder / name, Path(name))
+    for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
-    raise FileNotFoundError(f"Base recipe {name} not found next to the sweep config, here, or in {REPO_ROOT}.")
+    tried = ", ".join(str(candidate.resolve()) for candidate in candidates)
+    raise FileNotFoundError(
+        f"Base recipe {name} not found (tried {tried}). Give base_recipe as an absolute path, or relative to the "
+        "sweep config (in its YAML) or to the current folder (on the command line)."
+    )
 
 
 def parse_sweep_args(argv: list[str]) -> SweepSetup:
