@@ -29,6 +29,7 @@ from twist_hf.convert_official_checkpoint import (
     main,
     resolve_architecture,
 )
+from twist_hf.model_card import model_config_summary
 
 K, H = 24, 40
 
@@ -419,6 +420,7 @@ def test_command_line_conversion_loads_with_the_package_and_with_remote_code(vit
     assert (out / "preprocessor_config.json").is_file()
     card = (out / "README.md").read_text()
     assert "| Head | converted from the checkpoint |" in card and "| Epochs | 3 |" in card
+    assert all(f"| {key} | {value} |" in card for key, value in model_config_summary(model.config).items())
 
 
 @pytest.mark.slow

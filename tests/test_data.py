@@ -12,10 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from twist_hf.configuration_twist import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from twist_hf.data import (
     FASHION_MNIST_CLASSES,
-    FASHION_MNIST_MEAN,
-    FASHION_MNIST_STD,
     DatasetLoadError,
     DecodedImageDataset,
     DecodedIterableImageDataset,
@@ -28,6 +27,7 @@ from twist_hf.data import (
     find_image_column,
     find_label_column,
     in_memory_batches,
+    is_fashion_mnist,
     load_fashion_mnist,
     load_image_dataset,
     rank_epoch_indices,
@@ -35,6 +35,8 @@ from twist_hf.data import (
     shard_for_rank,
     shuffled_shard_for_epoch,
 )
+from twist_hf.training.arguments import DataArguments
+from twist_hf.training.data import load_split
 
 
 def png_bytes(image: Image.Image, format: str = "PNG") -> bytes:
@@ -111,6 +113,36 @@ def test_missing_fashion_mnist_names_the_debian_package(tmp_path):
         fashion_mnist_arrays("train", root=tmp_path)
     with pytest.raises(ValueError, match="'train' or 'test'"):
         fashion_mnist_arrays("validation")
+
+
+def tiny_fashion_mnist(folder, pixel: int) -> str:
+    """IDX files of a 2-image Fashion-MNIST in `folder` (both splits), every pixel `pixel` (labels 3 and 7)."""
+    for prefix in ("train", "t10k"):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", 2051, (2, 28, 28), bytes([pixel]) * 2 * 28 * 28)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", 2049, (2,), bytes([3, 7]))
+    return str(folder)
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "fashion_mnist"])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_load_split_reads_fashion_mnist_from_data_dir_by_either_name(tmp_path, name, split):
+    data = DataArguments(dataset_name=name, data_dir=tiny_fashion_mnist(tmp_path, pixel=9))
+    loaded = load_split(data, split, 28)
+    # The fast path hands out the cached IDX arrays themselves: no PNG round trip.
+    assert loaded.images is fashion_mnist_arrays(split, root=tmp_path)[0]
+    assert loaded.images.shape == (2, 28, 28) and (loaded.images == 9).all()
+    np.testing.assert_array_equal(loaded.labels, [3, 7])
+
+
+def test_load_split_of_an_unknown_fashion_mnist_split_is_a_clear_error(tmp_path):
+    data = DataArguments(dataset_name="fashion-mnist", data_dir=tiny_fashion_mnist(tmp_path, pixel=1))
+    with pytest.raises(ValueError, match="Fashion-MNIST split must be 'train' or 'test', got 'validation'"):
+        load_split(data, "validation", 28)
+
+
+def test_both_fashion_mnist_spellings_are_recognised_and_nothing_else():
+    assert is_fashion_mnist("fashion-mnist") and is_fashion_mnist("fashion_mnist")
+    assert not is_fashion_mnist("zalando-datasets/fashion_mnist") and not is_fashion_mnist(None)
 
 
 def test_channel_mean_std_against_hand_computation():

@@ -7,7 +7,13 @@ from multiproc import run_in_processes
 from torch.nn.parallel import DistributedDataParallel
 
 from twist_hf import TwistConfig, TwistForPreTraining
-from twist_hf.distributed import BunchBatchNorm, DistributedBatchNorm2d, all_reduce_sum, bunch_layout
+from twist_hf.distributed import (
+    BunchBatchNorm,
+    BunchLayout,
+    DistributedBatchNorm2d,
+    all_reduce_sum,
+    bunch_layout,
+)
 from twist_hf.losses import twist_loss
 
 pytestmark = pytest.mark.slow
@@ -174,12 +180,34 @@ def test_distributed_batch_norm_equals_batch_norm_over_all_ranks(two_ranks):
     torch.testing.assert_close(results[0][2], reference.running_var, rtol=1e-5, atol=1e-6)
 
 
-def test_bunch_layout_rejects_batches_that_do_not_divide_the_bunch():
-    assert bunch_layout(8, 4) == (4, 1)
-    with pytest.raises(ValueError, match="not a multiple of bunch_size"):
-        bunch_layout(6, 4)
-    with pytest.raises(ValueError, match="not a multiple of the per-device batch size"):
-        bunch_layout(3, 8)
+def test_bunch_layout_of_several_bunches_per_rank():
+    assert bunch_layout(8, 4, 1) == BunchLayout(chunk=4, ranks=1)
+    assert bunch_layout(12, 4, 2) == BunchLayout(chunk=4, ranks=1)
+    assert bunch_layout(4, 4, 8) == BunchLayout(chunk=4, ranks=1)
+
+
+def test_bunch_layout_of_a_bunch_spanning_several_ranks():
+    assert bunch_layout(2, 8, 4) == BunchLayout(chunk=2, ranks=4)
+    assert bunch_layout(2, 8, 8) == BunchLayout(chunk=2, ranks=4)
+    assert bunch_layout(32, 64, 6) == BunchLayout(chunk=32, ranks=2)
+
+
+def test_bunch_layout_in_one_process_shrinks_a_multi_rank_bunch_to_the_local_batch():
+    assert bunch_layout(2, 8, 1) == BunchLayout(chunk=2, ranks=1)
+
+
+@pytest.mark.parametrize(
+    ("batch", "bunch", "world", "message"),
+    [
+        (6, 4, 1, "per-device batch size 6 is not a multiple of bunch_size 4"),
+        (3, 8, 2, "bunch_size 8 is not a multiple of the per-device batch size 3"),
+        (2, 8, 2, "spans 4 ranks, which does not divide the 2 ranks"),
+        (32, 128, 6, "spans 4 ranks, which does not divide the 6 ranks"),
+    ],
+)
+def test_bunch_layout_that_does_not_fit_is_a_clear_error(batch, bunch, world, message):
+    with pytest.raises(ValueError, match=message):
+        bunch_layout(batch, bunch, world)
 
 
 def model_with_bad_bunch(rank, world_size):

@@ -44,13 +44,15 @@ def test_top3_figure_rejects_mismatched_inputs(tmp_path):
 
 
 def test_confusion_matrix_adds_an_unmatched_column_when_needed(tmp_path):
-    labels, predictions = np.array([0, 1, 2, 3, 4, 4]), np.array([0, 1, 2, 3, 4, -1])
-    path = plot_confusion_matrix(labels, predictions, NAMES, tmp_path / "cm.png")
-    assert png_size(path) == (600, 600)  # max(6, 0.5 * 6 + 3) inches at 100 dpi
-    big = plot_confusion_matrix(
-        np.arange(20) % 10, np.arange(20) % 10, [f"c{i}" for i in range(10)], tmp_path / "b.png"
-    )
-    assert png_size(big) == (800, 800)
+    """7 classes: 0.5 x 7 + 3 = 6.5 inches; the unmatched column makes it 8 columns, 7 inches (at 100 dpi)."""
+    names = [f"c{i}" for i in range(7)]
+    labels = np.arange(14) % 7
+    all_matched = plot_confusion_matrix(labels, labels, names, tmp_path / "matched.png")
+    assert png_size(all_matched) == (650, 650)
+    some_unmatched = plot_confusion_matrix(labels, np.where(labels == 6, -1, labels), names, tmp_path / "cm.png")
+    assert png_size(some_unmatched) == (700, 700)
+    small = plot_confusion_matrix(np.arange(4), np.arange(4), NAMES[:4], tmp_path / "small.png")
+    assert png_size(small) == (600, 600)  # never under 6 inches
 
 
 def write_log(path: Path, records: list[dict]) -> Path:

@@ -225,14 +225,15 @@ def test_the_token_comes_from_the_environment_by_default(hub, api, tmp_path, mon
 
 
 def test_bad_options_fail_early_with_clear_messages(hub, tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="hub_strategy 'sometimes' is not one of end, every_save, checkpoint"):
+    choices = "'end', 'every_save', 'checkpoint'"
+    with pytest.raises(ValueError, match=f"hub_strategy must be one of {choices}, got 'sometimes'"):
         _pusher(hub, hub_strategy="sometimes")
     with pytest.raises(ValueError, match="not a Hub repo id"):
         HubPusher("a/b/c", hub_token=TEST_TOKEN)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "empty-hf-home" / "token"))
-    with pytest.raises(ValueError, match="No Hugging Face token"):
+    with pytest.raises(ValueError, match="needs a Hugging Face token and none was found"):
         HubPusher(REPO, endpoint=hub.endpoint)
     pusher = _pusher(hub, hub_strategy="checkpoint")
     with pytest.raises(ValueError, match="pass checkpoint_dir"):

@@ -3,7 +3,8 @@
 import pytest
 from huggingface_hub import ModelCard
 
-from twist_hf.model_card import add_eval_results, write_model_card
+from twist_hf import TwistConfig
+from twist_hf.model_card import add_eval_results, model_config_summary, write_model_card
 
 MODEL_ID = "test-user/twist-fmnist"
 
@@ -101,3 +102,17 @@ def test_bad_input_is_refused_with_a_clear_message(tmp_path):
         add_eval_results(tmp_path, [("image-classification", "fashion_mnist", "accuracy", 0.8)])
     with pytest.raises(ValueError, match=r"\(task, dataset, metric, value\)"):
         _write(tmp_path, [("image-classification", "fashion_mnist", 0.8)])
+
+
+def test_model_config_summary_of_a_resnet_and_a_vit():
+    assert model_config_summary(TwistConfig.from_preset("tiny-resnet", tau=0.4)) == {
+        "Backbone": "resnet",
+        "Image size": 16,
+        "TWIST classes (K)": 16,
+        "Head hidden size (H)": 32,
+        "Head norm / last norm": "batch_norm / bunch",
+        "tau, lam1, lam2": "0.4, 0.0, 1.0",
+        "Bunch size": 8,
+    }
+    vit = model_config_summary(TwistConfig.from_preset("vit-s16", last_norm="none"))
+    assert vit["Backbone"] == "timm_wrapper (vit_small_patch16_224)" and "Bunch size" not in vit

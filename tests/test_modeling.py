@@ -1,6 +1,7 @@
 """The TWIST model family: presets, outputs, Auto classes, remote code, pipelines and bad input."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,9 @@ from twist_hf import (
     TwistForPreTraining,
     TwistModel,
 )
+from twist_hf.configuration_twist import TWIST_AUTO_MAP
 from twist_hf.distributed import BunchBatchNorm, DistributedBatchNorm2d
+from twist_hf.model_card import model_config_summary, write_model_card
 
 
 def tiny_config(**overrides) -> TwistConfig:
@@ -55,10 +58,16 @@ def test_vit_presets_carry_the_recipe_details():
 
 
 def test_resnet_keeps_its_own_initialisation():
-    model = TwistModel(TwistConfig.from_preset("resnet50", head_hidden_size=8, num_classes=4))
-    conv = model.backbone.encoder.stages[3].layers[0].layer[1].convolution
-    fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
-    assert conv.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.05)  # kaiming, not N(0, 0.02)
+    """Same seed, same draws: TWIST's backbone holds exactly what Hugging Face's ResNet draws when built alone,
+    so a re-initialisation by TWIST (even with the same kaiming distribution) is caught."""
+    config = TwistConfig.from_preset("resnet50", head_hidden_size=8, num_classes=4)
+    torch.manual_seed(0)
+    inside = TwistModel(config).backbone.state_dict()
+    torch.manual_seed(0)
+    alone = AutoModel.from_config(config.backbone_config).state_dict()
+    assert inside.keys() == alone.keys()
+    for name, tensor in alone.items():
+        torch.testing.assert_close(inside[name], tensor, rtol=0, atol=0, msg=name)
 
 
 def test_pretraining_output_shapes_and_terms():
@@ -141,7 +150,7 @@ def test_bad_config_values_are_rejected(overrides, message):
 
 
 def test_unknown_preset_and_backbone_type_are_rejected():
-    with pytest.raises(ValueError, match="Unknown TWIST preset 'resnet-9000'.*resnet50"):
+    with pytest.raises(ValueError, match="TWIST preset must be one of 'resnet50'.*got 'resnet-9000'"):
         TwistConfig.from_preset("resnet-9000")
     with pytest.raises(ValueError, match="Unknown backbone type 'resnot'"):
         TwistConfig(backbone_config={"model_type": "resnot"})
@@ -203,6 +212,23 @@ def test_saved_folder_has_weights_code_and_processor(saved_model):
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModel"] == "modeling_twist.TwistModel"
     assert auto_map["AutoConfig"] == "configuration_twist.TwistConfig"
+
+
+def test_a_foreign_auto_map_warns_on_load_and_is_not_passed_on(saved_model, tmp_path, caplog):
+    """A folder whose config points an Auto class at someone else's code (issue 12, item 7)."""
+    folder = shutil.copytree(saved_model[0], tmp_path / "downloaded")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {**config["auto_map"], "AutoModel": "attacker/repo--modeling.Evil", "AutoTokenizer": "x.Y"}
+    (folder / "config.json").write_text(json.dumps(config))
+
+    with caplog.at_level("WARNING"):
+        model = TwistForPreTraining.from_pretrained(folder)
+    assert "attacker/repo--modeling.Evil" in caplog.text and "not TWIST's own classes" in caplog.text
+    out = tmp_path / "trained"
+    model.save_pretrained(out)
+    write_model_card(out, model_id="me/twist", config_summary=model_config_summary(model.config), training_summary={})
+    assert json.loads((out / "config.json").read_text())["auto_map"] == TWIST_AUTO_MAP
+    assert not [path.name for path in out.iterdir() if "attacker" in path.read_text(errors="replace")]
 
 
 def test_pretraining_checkpoint_loads_as_twist_model_with_identical_outputs(saved_model):

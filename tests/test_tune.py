@@ -4,6 +4,7 @@ recipes/pretrain.py."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,6 +44,39 @@ TINY = {
 }
 
 
+FIND_RECIPE = """
+import sys
+from twist_hf.tune import parse_sweep_args
+assert not sys.modules["twist_hf"].__file__.startswith(sys.argv[2]), "imported from the checkout"
+print(parse_sweep_args(["--config", sys.argv[1]]).sweep.base_recipe)
+"""
+
+
+def test_the_sweep_finds_its_recipe_with_the_package_outside_the_checkout(tmp_path):
+    """No lookup through the source checkout: a copy of the package elsewhere resolves the YAML's own path."""
+    shutil.copytree(REPO / "twist_hf", tmp_path / "site" / "twist_hf", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "sweeps").mkdir()
+    shutil.copy(REPO / "recipes/configs/fmnist.yaml", tmp_path / "sweeps" / "base.yaml")
+    (tmp_path / "sweeps" / "sweep.yaml").write_text("base_recipe: base.yaml\nsearch_space: {tau: {grid: [0.2]}}\n")
+    environment = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    done = subprocess.run(
+        [sys.executable, "-c", FIND_RECIPE, str(tmp_path / "sweeps" / "sweep.yaml"), str(REPO)],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == str((tmp_path / "sweeps" / "base.yaml").resolve())
+
+
+def test_a_base_recipe_named_relative_to_the_checkout_elsewhere_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="Base recipe recipes/configs/fmnist.yaml not found.*absolute path"):
+        parse_sweep_args(["--base_recipe", "recipes/configs/fmnist.yaml", "--search_space", '{"tau": {"grid": [0.2]}}'])
+
+
 def sweep_setup(tmp_path: Path, name: str = "sweep", **options):
     config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump({**TINY, **options}))
@@ -67,7 +101,7 @@ def read_trials(output_dir: Path) -> pd.DataFrame:
         ({"search_space": {}}, "search space is empty"),
         ({"search_space": {"tau": {"grid": [0.2, -1.0]}}}, "value -1.0 cannot be trained.*tau must be > 0"),
         ({"search_space": {"lam1": {"uniform": [0.0, 1.0]}}, "search_alg": "grid"}, "needs grid or choice"),
-        ({"metric": "loss"}, "--metric must be one of knn_top1"),
+        ({"metric": "loss"}, "--metric must be one of 'knn_top1'"),
         ({"eval_split": ""}, "held-out labelled split"),
         ({"learning_rat": 0.1}, "Unknown option.*learning_rat"),
     ],
@@ -260,9 +294,3 @@ def interrupt_after_first_checkpoint(experiment_path: Path, trials: int, timeout
             time.sleep(0.2)
 
     threading.Thread(target=watch, daemon=True).start()
-
-
-def test_first_epoch_rule_matches_hand_computation():
-    assert _asha_must_stop([0.6, 0.4, 0.5]) == [False, True, False]
-    assert _asha_must_stop([0.4, 0.6, 0.3]) == [False, False, True]
-    assert not any(_asha_must_stop([0.5, 0.5]))

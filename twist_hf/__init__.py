@@ -4,14 +4,9 @@ Importing the package registers the TWIST classes with the Auto classes, and mar
 `register_for_auto_class` so that every saved folder also loads with `trust_remote_code=True`.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForImageClassification,
-    AutoModelForPreTraining,
-)
+import transformers
 
-from .configuration_twist import TWIST_PRESETS, TwistConfig
+from .configuration_twist import TWIST_AUTO_MAP, TWIST_PRESETS, TwistConfig
 from .modeling_twist import (
     TwistForImageClassification,
     TwistForPreTraining,
@@ -22,19 +17,25 @@ from .modeling_twist import (
     twist_image_processor,
 )
 
-AutoConfig.register(TwistConfig.model_type, TwistConfig, exist_ok=True)
-AutoModel.register(TwistConfig, TwistModel, exist_ok=True)
-AutoModelForPreTraining.register(TwistConfig, TwistForPreTraining, exist_ok=True)
-AutoModelForImageClassification.register(TwistConfig, TwistForImageClassification, exist_ok=True)
 
-TwistConfig.register_for_auto_class()
-TwistModel.register_for_auto_class("AutoModel")
-TwistForPreTraining.register_for_auto_class("AutoModelForPreTraining")
-TwistForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+def _register_auto_classes() -> None:
+    """Register every class of `TWIST_AUTO_MAP` with its Auto class, here and in the folders it saves."""
+    for auto_name, target in TWIST_AUTO_MAP.items():
+        twist_class = globals()[target.rsplit(".", 1)[1]]
+        auto_class = getattr(transformers, auto_name)
+        if twist_class is TwistConfig:
+            auto_class.register(TwistConfig.model_type, TwistConfig, exist_ok=True)
+        else:
+            auto_class.register(TwistConfig, twist_class, exist_ok=True)
+        twist_class.register_for_auto_class(auto_name)
+
+
+_register_auto_classes()
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TWIST_AUTO_MAP",
     "TWIST_PRESETS",
     "TwistConfig",
     "TwistModel",

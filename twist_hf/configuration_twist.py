@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING, AutoConfig
+from transformers.utils import logging
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-FASHION_MNIST_MEAN = [0.2860, 0.2860, 0.2860]
-FASHION_MNIST_STD = [0.3530, 0.3530, 0.3530]
+logger = logging.get_logger(__name__)
+
+# The one definition of the normalisation statistics, per channel of images in [0, 1]. Fashion-MNIST is
+# grayscale: one channel, repeated where a model reads RGB (`rgb_statistics`).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
+
+# The one map of the TWIST classes to the Auto classes: it is the `auto_map` a saved folder carries (so it
+# loads with `trust_remote_code=True`) and what `import twist_hf` registers with the Auto classes.
+TWIST_AUTO_MAP = {
+    "AutoConfig": "configuration_twist.TwistConfig",
+    "AutoModel": "modeling_twist.TwistModel",
+    "AutoModelForPreTraining": "modeling_twist.TwistForPreTraining",
+    "AutoModelForImageClassification": "modeling_twist.TwistForImageClassification",
+}
 
 HEAD_NORMS = ("batch_norm", "layer_norm", "none")
 HEAD_ACTIVATIONS = ("relu", "gelu")
@@ -29,7 +44,13 @@ def _timm_vit(architecture: str, drop_path_rate: float) -> dict:
     return {"model_type": "timm_wrapper", "architecture": architecture, "model_args": model_args}
 
 
-_IMAGENET = {"image_size": 224, "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD}
+def rgb_statistics(values: tuple[float, ...]) -> list[float]:
+    """Per-channel statistics for RGB input: three values as they are, one grayscale value repeated."""
+    return list(values * 3 if len(values) == 1 else values)
+
+
+_IMAGENET = {"image_size": 224, "image_mean": rgb_statistics(IMAGENET_MEAN), "image_std": rgb_statistics(IMAGENET_STD)}
+_FASHION_MNIST = {"image_mean": rgb_statistics(FASHION_MNIST_MEAN), "image_std": rgb_statistics(FASHION_MNIST_STD)}
 _VIT_HEAD = {"head_activation": "gelu", "head_init": "trunc_normal", "lam1": -0.6, "lam2": 1.0}
 
 TWIST_PRESETS: dict[str, dict] = {
@@ -53,8 +74,7 @@ TWIST_PRESETS: dict[str, dict] = {
         "num_classes": 256,
         "bunch_size": 128,
         "image_size": 28,
-        "image_mean": FASHION_MNIST_MEAN,
-        "image_std": FASHION_MNIST_STD,
+        **_FASHION_MNIST,
     },
     "tiny-resnet": {
         "backbone_config": _resnet(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"),
@@ -63,8 +83,7 @@ TWIST_PRESETS: dict[str, dict] = {
         "num_classes": 16,
         "bunch_size": 8,
         "image_size": 16,
-        "image_mean": FASHION_MNIST_MEAN,
-        "image_std": FASHION_MNIST_STD,
+        **_FASHION_MNIST,
     },
 }
 
@@ -150,17 +169,32 @@ class TwistConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if isinstance(self.backbone_config, dict):
             self.backbone_config = _backbone_config_from_dict(self.backbone_config)
-        self.image_mean = list(self.image_mean if self.image_mean is not None else IMAGENET_MEAN)
-        self.image_std = list(self.image_std if self.image_std is not None else IMAGENET_STD)
+        self.image_mean = list(self.image_mean) if self.image_mean is not None else rgb_statistics(IMAGENET_MEAN)
+        self.image_std = list(self.image_std) if self.image_std is not None else rgb_statistics(IMAGENET_STD)
         self._check_twist_arguments()
         super().__post_init__(**kwargs)
+        self._drop_foreign_auto_map()
+
+    def _drop_foreign_auto_map(self) -> None:
+        """Keep only TWIST's own `auto_map` entries, warning about others: a folder's config must never make
+        `trust_remote_code=True` run code that is not TWIST's, and a model saved from it must not pass it on."""
+        auto_map = getattr(self, "auto_map", None)
+        if not auto_map:
+            return
+        foreign = {name: target for name, target in auto_map.items() if TWIST_AUTO_MAP.get(name) != target}
+        if foreign:
+            logger.warning(
+                f"Ignoring auto_map entries that are not TWIST's own classes: {foreign}. A model saved from this "
+                "config carries only TWIST's auto_map; check where this folder came from."
+            )
+            self.auto_map = {name: target for name, target in auto_map.items() if name not in foreign}
 
     def _check_twist_arguments(self) -> None:
         """Reject values the method cannot train with, saying what to use instead."""
-        _check_choice("head_norm", self.head_norm, HEAD_NORMS)
-        _check_choice("head_activation", self.head_activation, HEAD_ACTIVATIONS)
-        _check_choice("head_init", self.head_init, HEAD_INITS)
-        _check_choice("last_norm", self.last_norm, LAST_NORMS)
+        check_choice("head_norm", self.head_norm, HEAD_NORMS)
+        check_choice("head_activation", self.head_activation, HEAD_ACTIVATIONS)
+        check_choice("head_init", self.head_init, HEAD_INITS)
+        check_choice("last_norm", self.last_norm, LAST_NORMS)
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0 (it divides the logits), got {self.tau}.")
         if self.eps <= 0:
@@ -193,14 +227,14 @@ class TwistConfig(PreTrainedConfig):
     @classmethod
     def from_preset(cls, name: str, **overrides) -> TwistConfig:
         """A config for one of the paper's networks (see `TWIST_PRESETS`), with field overrides."""
-        if name not in TWIST_PRESETS:
-            raise ValueError(f"Unknown TWIST preset {name!r}. Available presets: {', '.join(TWIST_PRESETS)}.")
+        check_choice("TWIST preset", name, tuple(TWIST_PRESETS))
         kwargs = copy.deepcopy(TWIST_PRESETS[name])
         kwargs.update(overrides)
         return cls(**kwargs)
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    """The one check of an option with a fixed set of values: a clear error naming the option and its choices."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
 

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from .configuration_twist import TWIST_PRESETS, TwistConfig
+from .configuration_twist import TWIST_PRESETS, TwistConfig, check_choice
 from .hub import HubPusher
-from .model_card import write_model_card
+from .model_card import model_config_summary, write_model_card
 from .modeling_twist import TwistModel
 
 logger = logging.getLogger(__name__)
@@ -230,8 +230,10 @@ def resolve_architecture(backbone: Mapping[str, torch.Tensor], arch: str | None 
 
 
 def _forced_architecture(backbone: Mapping[str, torch.Tensor], arch: str) -> Architecture:
-    if arch not in ARCHITECTURES:
-        raise ConversionError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {arch!r}.")
+    try:
+        check_choice("--arch", arch, ARCHITECTURES)
+    except ValueError as error:
+        raise ConversionError(str(error)) from error
     family = "resnet" if arch.startswith("resnet") else "vit"
     overrides = {}
     if family == "vit" and "pos_embed" in backbone and "patch_embed.proj.weight" in backbone:
@@ -578,24 +580,10 @@ def save_conversion(
     write_model_card(
         output,
         model_id=model_id or output.resolve().name,
-        config_summary=_config_summary(conversion),
+        config_summary=model_config_summary(conversion.model.config),
         training_summary=_training_summary(conversion, dataset),
     )
     return output
-
-
-def _config_summary(conversion: Conversion) -> dict[str, Any]:
-    config = conversion.model.config
-    return {
-        "Architecture": conversion.architecture.preset,
-        "Backbone": conversion.architecture.description,
-        "Feature size": conversion.model.feature_size,
-        "TWIST classes (K)": config.num_classes,
-        "Head hidden size (H)": config.head_hidden_size,
-        "Head norm / last norm": f"{config.head_norm} / {config.last_norm}",
-        "tau, lam1, lam2": f"{config.tau}, {config.lam1}, {config.lam2}",
-        "Bunch size": config.bunch_size,
-    }
 
 
 def _training_summary(conversion: Conversion, dataset: str) -> dict[str, Any]:
@@ -605,6 +593,7 @@ def _training_summary(conversion: Conversion, dataset: str) -> dict[str, Any]:
         "Trained by": "the TWIST authors; converted with `python -m twist_hf.convert_official_checkpoint`",
         "Source checkpoint": f"{record['checkpoint']} (sha256 {record['sha256'][:16]}...)",
         "Network converted": record["network"],
+        "Architecture": f"{conversion.architecture.description} (preset {conversion.architecture.preset})",
         "Epochs": record["epoch"] if record["epoch"] is not None else "not recorded",
         "Head": record["head"],
     }

@@ -22,6 +22,10 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image as PILImage
 from PIL import ImageOps
 
+# Re-exported for callers of this module; defined once in configuration_twist.
+from .configuration_twist import FASHION_MNIST_MEAN as FASHION_MNIST_MEAN
+from .configuration_twist import FASHION_MNIST_STD as FASHION_MNIST_STD
+
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -35,9 +39,7 @@ FASHION_MNIST_CLASSES = (
     "Bag",
     "Ankle boot",
 )
-# Per-channel statistics of the Fashion-MNIST training images in [0, 1] (see `channel_mean_std`).
-FASHION_MNIST_MEAN = (0.2860,)
-FASHION_MNIST_STD = (0.3530,)
+# The names that select the built-in Fashion-MNIST (`is_fashion_mnist`); the first is the canonical one.
 BUILTIN_FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist")
 # datasets' builders that read local files given by data_dir / data_files.
 LOCAL_FILE_BUILDERS = ("imagefolder", "parquet", "webdataset", "arrow")
@@ -219,6 +221,11 @@ def _load_builtin_fashion_mnist(
     return dataset.to_iterable_dataset() if streaming else dataset
 
 
+def is_fashion_mnist(name: str | None) -> bool:
+    """Whether a dataset name selects the built-in Fashion-MNIST (read from its IDX files, no re-encoding)."""
+    return name in BUILTIN_FASHION_MNIST_NAMES
+
+
 def load_image_dataset(
     name: str,
     *,
@@ -233,7 +240,7 @@ def load_image_dataset(
 
     Raises early, with a message naming what was tried, when the dataset, split or paths do not exist.
     """
-    if name in BUILTIN_FASHION_MNIST_NAMES:
+    if is_fashion_mnist(name):
         return _load_builtin_fashion_mnist(split, data_dir, streaming)
     _check_builder_arguments(name, data_dir, data_files)
     tried = (

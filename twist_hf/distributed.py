@@ -8,6 +8,8 @@ rank's share of the true gradient; DDP's gradient averaging then gives the exact
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -77,12 +79,6 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
 def bunch_group(ranks_per_group: int):
     """The process group of consecutive ranks that contains this rank (created once, on every rank)."""
     size = world_size()
-    if size % ranks_per_group != 0:
-        raise ValueError(
-            f"A bunch spans {ranks_per_group} ranks, which does not divide the world size {size}. "
-            "Choose bunch_size, the per-device batch size and the number of workers so that "
-            "bunch_size / per_device_batch_size divides the number of workers."
-        )
     key = (size, ranks_per_group)
     if key not in _BUNCH_GROUPS:
         groups = [
@@ -92,24 +88,41 @@ def bunch_group(ranks_per_group: int):
     return _BUNCH_GROUPS[key][rank() // ranks_per_group]
 
 
-def bunch_layout(local_batch_size: int, bunch_size: int) -> tuple[int, int]:
-    """(samples per local chunk, ranks per group) for bunch statistics over ``bunch_size`` samples."""
+class BunchLayout(NamedTuple):
+    """Which samples form a bunch: ``chunk`` consecutive local samples on each of ``ranks`` consecutive ranks."""
+
+    chunk: int
+    ranks: int
+
+
+def bunch_layout(local_batch_size: int, bunch_size: int, world_size: int) -> BunchLayout:
+    """The bunch layout for a per-device batch, a bunch size and a world size; a clear error if they don't fit.
+
+    The one rule used by the launcher's pre-flight check, the model's check and ``BunchBatchNorm``. A bunch
+    larger than the local batch spans consecutive ranks; in a single process it shrinks to the local batch.
+    """
     if local_batch_size >= bunch_size:
         if local_batch_size % bunch_size != 0:
             raise ValueError(
                 f"The per-device batch size {local_batch_size} is not a multiple of bunch_size {bunch_size}. "
                 "Pick a per-device batch size that divides into bunches, or change bunch_size."
             )
-        return bunch_size, 1
+        return BunchLayout(bunch_size, 1)
     if bunch_size % local_batch_size != 0:
         raise ValueError(
             f"bunch_size {bunch_size} is not a multiple of the per-device batch size {local_batch_size}. "
             "Pick a per-device batch size that divides bunch_size (e.g. a power of two)."
         )
-    ranks_per_group = bunch_size // local_batch_size
-    if world_size() == 1:
-        return local_batch_size, 1
-    return local_batch_size, ranks_per_group
+    ranks = bunch_size // local_batch_size
+    if world_size == 1:
+        return BunchLayout(local_batch_size, 1)
+    if world_size % ranks != 0:
+        raise ValueError(
+            f"bunch_size {bunch_size} with a per-device batch size of {local_batch_size} spans {ranks} ranks, "
+            f"which does not divide the {world_size} ranks. Change bunch_size, the per-device batch size or the "
+            "number of workers so that bunch_size / per-device batch size divides the number of workers."
+        )
+    return BunchLayout(local_batch_size, ranks)
 
 
 def _normalise(centred: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
@@ -143,9 +156,8 @@ class BunchBatchNorm(nn.Module):
         """(chunk size, process group, ranks in it) for this batch."""
         if self.mode == "global":
             return local_batch_size, None, world_size()
-        chunk, ranks_per_group = bunch_layout(local_batch_size, self.bunch_size)
-        group = bunch_group(ranks_per_group) if ranks_per_group > 1 else None
-        return chunk, group, ranks_per_group
+        chunk, ranks = bunch_layout(local_batch_size, self.bunch_size, world_size())
+        return chunk, bunch_group(ranks) if ranks > 1 else None, ranks
 
     def forward(self, x: torch.Tensor, num_views: int = 1) -> torch.Tensor:
         """Normalise ``x`` of shape (num_views * B, K), laid out view-major."""

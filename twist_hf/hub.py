@@ -20,14 +20,17 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ge
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import filter_repo_objects, set_client_factory
 
+from .configuration_twist import check_choice
+from .outputs import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, HUB_CHECKPOINT_DIR, RAY_STORAGE_DIR
+
 logger = logging.getLogger(__name__)
 
 HUB_STRATEGIES = ("end", "every_save", "checkpoint")
-CHECKPOINT_FOLDER = "last-checkpoint"
+CHECKPOINT_FOLDER = HUB_CHECKPOINT_DIR
 DEFAULT_IGNORE_PATTERNS = (
-    "checkpoint-*/**",
-    "checkpoints/**",
-    "ray/**",
+    f"{CHECKPOINT_PREFIX}*/**",
+    f"{CHECKPOINTS_DIR}/**",
+    f"{RAY_STORAGE_DIR}/**",
     f"{CHECKPOINT_FOLDER}/**",
     ".git/**",
     "**/.git/**",
@@ -124,11 +127,7 @@ class HubPusher:
         ignore_patterns: tuple[str, ...] = DEFAULT_IGNORE_PATTERNS,
     ):
         _check_options(hub_model_id, hub_strategy, push_timeout)
-        self._token = hub_token or get_token()
-        if not self._token:
-            raise ValueError(
-                "No Hugging Face token to push with: pass hub_token, set HF_TOKEN, or run `hf auth login`."
-            )
+        self._token = require_hub_token(hub_token)
         self.hub_model_id = hub_model_id
         self.hub_strategy = hub_strategy
         self.hub_private_repo = hub_private_repo
@@ -286,11 +285,21 @@ class HubPusher:
         return PushSummary(self.hub_model_id, last.ok, results, message)
 
 
+def require_hub_token(hub_token: str | None, needed_by: str = "Pushing to the Hub") -> str:
+    """The token to push with (the given one, else HF_TOKEN or the login's); a clear error when there is none."""
+    token = hub_token or get_token()
+    if not token:
+        raise ValueError(
+            f"{needed_by} needs a Hugging Face token and none was found: pass --hub_token, set HF_TOKEN, "
+            "or run `hf auth login`."
+        )
+    return token
+
+
 def _check_options(hub_model_id: str, hub_strategy: str, push_timeout: float) -> None:
     if not _REPO_ID.fullmatch(hub_model_id or ""):
         raise ValueError(f"hub_model_id {hub_model_id!r} is not a Hub repo id: use 'name' or 'namespace/name'.")
-    if hub_strategy not in HUB_STRATEGIES:
-        raise ValueError(f"hub_strategy {hub_strategy!r} is not one of {', '.join(HUB_STRATEGIES)}.")
+    check_choice("hub_strategy", hub_strategy, HUB_STRATEGIES)
     if push_timeout <= 0:
         raise ValueError(f"push_timeout must be a positive number of seconds, got {push_timeout}.")
 

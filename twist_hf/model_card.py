@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from transformers import PreTrainedConfig
 
 CARD_FILE = "README.md"
 TAGS = ["twist", "self-supervised", "image-feature-extraction"]
@@ -49,6 +50,26 @@ def write_model_card(
     path.parent.mkdir(parents=True, exist_ok=True)
     card.save(path)
     return path
+
+
+def model_config_summary(config: PreTrainedConfig) -> dict[str, Any]:
+    """The model rows of every TWIST card (trained or converted), so that all cards describe a model alike."""
+    summary = {
+        "Backbone": _backbone_name(config.backbone_config),
+        "Image size": config.image_size,
+        "TWIST classes (K)": config.num_classes,
+        "Head hidden size (H)": config.head_hidden_size,
+        "Head norm / last norm": f"{config.head_norm} / {config.last_norm}",
+        "tau, lam1, lam2": f"{config.tau}, {config.lam1}, {config.lam2}",
+    }
+    if config.last_norm == "bunch":
+        summary["Bunch size"] = config.bunch_size
+    return summary
+
+
+def _backbone_name(backbone_config: PreTrainedConfig) -> str:
+    architecture = getattr(backbone_config, "architecture", None)  # timm_wrapper configs name the timm model
+    return f"{backbone_config.model_type} ({architecture})" if architecture else backbone_config.model_type
 
 
 def add_eval_results(folder: str | Path, eval_results: Sequence[EvalRow]) -> Path:

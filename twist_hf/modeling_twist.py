@@ -13,17 +13,9 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 
-from .configuration_twist import TwistConfig
-from .distributed import BunchBatchNorm, convert_to_distributed_batch_norm, world_size
+from .configuration_twist import TWIST_AUTO_MAP, TwistConfig
+from .distributed import BunchBatchNorm, bunch_layout, convert_to_distributed_batch_norm, world_size
 from .losses import TwistLossTerms, momentum_twist_loss, self_label_loss, twist_loss
-
-# Every TWIST class, so that a folder saved from any of them loads with each Auto class remotely.
-TWIST_AUTO_MAP = {
-    "AutoConfig": "configuration_twist.TwistConfig",
-    "AutoModel": "modeling_twist.TwistModel",
-    "AutoModelForPreTraining": "modeling_twist.TwistForPreTraining",
-    "AutoModelForImageClassification": "modeling_twist.TwistForImageClassification",
-}
 
 # Backbones whose pooler is a trained dense layer rather than the feature itself: use the CLS token.
 _CLS_TOKEN_BACKBONES = ("vit", "deit")
@@ -183,8 +175,8 @@ class TwistPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """Save the model and, next to it, the image processor that `AutoImageProcessor` and pipelines load."""
-        if self._auto_class is not None:
-            self.config.auto_map = {**TWIST_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        if self._auto_class is not None:  # every TWIST class, so the folder loads with each Auto class remotely
+            self.config.auto_map = dict(TWIST_AUTO_MAP)
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             twist_image_processor(self.config).save_pretrained(save_directory)
@@ -317,14 +309,8 @@ class TwistForPreTraining(TwistPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
     def _check_bunch(self, batch: int) -> None:
-        if self.training and self.config.last_norm == "bunch" and world_size() > 1:
-            ranks = self.config.bunch_size // batch
-            if batch < self.config.bunch_size and (self.config.bunch_size % batch or world_size() % ranks):
-                raise ValueError(
-                    f"bunch_size {self.config.bunch_size} with a per-device batch of {batch} spans "
-                    f"{self.config.bunch_size / batch:g} ranks, which does not divide the {world_size()} ranks. "
-                    "Change bunch_size or the per-device batch size."
-                )
+        if self.training and self.config.last_norm == "bunch":
+            bunch_layout(batch, self.config.bunch_size, world_size())
 
     def _fill_loss(
         self, output: TwistForPreTrainingOutput, teacher_logits: torch.Tensor | None, self_label_quantile: float | None

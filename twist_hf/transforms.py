@@ -17,8 +17,8 @@ from PIL import ImageFilter, ImageOps
 from torchvision.transforms import ColorJitter, InterpolationMode, RandomResizedCrop, v2
 from torchvision.transforms import functional as TF
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .configuration_twist import IMAGENET_MEAN, IMAGENET_STD
+
 CROP_RATIO = (3 / 4, 4 / 3)
 PRETRAINING_GLOBAL_SCALE = (0.4, 1.0)
 PRETRAINING_LOCAL_SCALE = (0.05, 0.4)

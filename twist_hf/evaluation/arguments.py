@@ -7,6 +7,7 @@ from typing import Literal
 from transformers import HfArgumentParser
 
 from ..cli import parse_with_config
+from ..configuration_twist import check_choice
 
 PROTOCOLS = ("knn", "linear", "semi", "cluster")
 
@@ -47,8 +48,7 @@ class EvalArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.protocol not in (*PROTOCOLS, "all"):
-            raise ValueError(f"--protocol must be one of {[*PROTOCOLS, 'all']}, got {self.protocol!r}.")
+        check_choice("--protocol", self.protocol, (*PROTOCOLS, "all"))
         if self.batch_size < 1 or self.num_workers < 0:
             raise ValueError(
                 f"Need --batch_size >= 1 and --num_workers >= 0, got {self.batch_size}, {self.num_workers}."
@@ -84,8 +84,7 @@ class LinearArguments:
     linear_base_lr: float = field(default=0.2, metadata={"help": "paper: lr per 256 images (SGD, momentum 0.9)."})
 
     def __post_init__(self) -> None:
-        if self.linear_mode not in ("fast", "paper"):
-            raise ValueError(f"--linear_mode must be 'fast' or 'paper', got {self.linear_mode!r}.")
+        check_choice("--linear_mode", self.linear_mode, ("fast", "paper"))
 
 
 @dataclass

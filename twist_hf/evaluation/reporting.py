@@ -6,8 +6,8 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from twist_hf.model_card import CARD_FILE, add_eval_results
+from twist_hf.outputs import EVAL_RESULTS_FILE
 
-EVAL_RESULTS_FILE = "eval_results.json"
 TASK_TYPE = "image-classification"
 # Bookkeeping values and repeats (knn_top1/5 copy the best k's) that stay out of the model card.
 NOT_FOR_CARD = ("linear_val_top1", "linear_best_lr", "knn_top1", "knn_top5")

@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass, field
 from transformers import HfArgumentParser
 
 from ..cli import parse_with_config, read_yaml_options
-from ..configuration_twist import TWIST_PRESETS, TwistConfig
+from ..configuration_twist import TWIST_PRESETS, TwistConfig, check_choice
+from ..hub import HUB_STRATEGIES
 
 OPTIMIZERS = ("lars", "adamw", "sgd")
 AUGMENTATION_BACKENDS = ("batched", "per_image")
-HUB_STRATEGIES = ("end", "every_save", "checkpoint")
 SAVE_STRATEGIES = ("steps", "epoch", "no")
 EVAL_STRATEGIES = ("no", "epoch")
 LAUNCHERS = ("ray", "local")
@@ -51,10 +51,8 @@ class ModelArguments:
                 self.backbone_overrides = json.loads(self.backbone_overrides)
             except json.JSONDecodeError as error:
                 raise ValueError(f"backbone_overrides must be a JSON object: {error}") from error
-        if self.model_name_or_path is None and self.model_preset not in TWIST_PRESETS:
-            raise ValueError(
-                f"Unknown model_preset {self.model_preset!r}. Available presets: {', '.join(TWIST_PRESETS)}."
-            )
+        if self.model_name_or_path is None:
+            check_choice("model_preset", self.model_preset, tuple(TWIST_PRESETS))
 
     def config_overrides(self) -> dict:
         """The TwistConfig fields this run sets explicitly."""
@@ -117,10 +115,7 @@ class DataArguments:
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per rank."})
 
     def __post_init__(self):
-        if self.augmentation_backend not in AUGMENTATION_BACKENDS:
-            raise ValueError(
-                f"augmentation_backend must be one of {AUGMENTATION_BACKENDS}, got {self.augmentation_backend!r}."
-            )
+        check_choice("augmentation_backend", self.augmentation_backend, AUGMENTATION_BACKENDS)
         if self.streaming and self.augmentation_backend == "batched":
             raise ValueError(
                 "streaming needs augmentation_backend='per_image' (the batched backend holds the "
@@ -202,10 +197,10 @@ class TwistTrainingArguments:
             self.output_dir = os.path.join("outputs", f"twist-{time.strftime('%Y%m%d-%H%M%S')}")
         # Absolute, because Ray Train workers run in a working directory of their own.
         self.output_dir = os.path.abspath(self.output_dir)
-        _check_in("optim", self.optim, OPTIMIZERS)
-        _check_in("save_strategy", self.save_strategy, SAVE_STRATEGIES)
-        _check_in("eval_strategy", self.eval_strategy, EVAL_STRATEGIES)
-        _check_in("hub_strategy", self.hub_strategy, HUB_STRATEGIES)
+        check_choice("optim", self.optim, OPTIMIZERS)
+        check_choice("save_strategy", self.save_strategy, SAVE_STRATEGIES)
+        check_choice("eval_strategy", self.eval_strategy, EVAL_STRATEGIES)
+        check_choice("hub_strategy", self.hub_strategy, HUB_STRATEGIES)
         if self.bf16 and self.fp16:
             raise ValueError("Choose one of bf16 and fp16.")
         if self.per_device_train_batch_size < 1:
@@ -252,7 +247,7 @@ class LaunchArguments:
     )
 
     def __post_init__(self):
-        _check_in("launcher", self.launcher, LAUNCHERS)
+        check_choice("launcher", self.launcher, LAUNCHERS)
         if isinstance(self.resources_per_worker, str):
             try:
                 self.resources_per_worker = json.loads(self.resources_per_worker)
@@ -281,11 +276,6 @@ class PretrainArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TwistTrainingArguments, LaunchArguments)
-
-
-def _check_in(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
 
 
 def _without_token(training: TwistTrainingArguments) -> dict:

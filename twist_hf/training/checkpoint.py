@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
+from ..outputs import CHECKPOINTS_DIR as CHECKPOINTS_DIR
+from ..outputs import MODEL_DIR as MODEL_DIR
+
 TRAINING_STATE = "training_state.pt"
 TRAINER_STATE = "trainer_state.json"
-MODEL_DIR = "model"
-CHECKPOINTS_DIR = "checkpoints"
 
 
 def save_checkpoint(

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import (
+    FASHION_MNIST_ROOT,
     DecodedImageDataset,
     DecodedIterableImageDataset,
     SkippedImageCounter,
@@ -22,13 +23,12 @@ from ..data import (
     find_image_column,
     find_label_column,
     in_memory_batches,
+    is_fashion_mnist,
     load_image_dataset,
     shuffled_shard_for_epoch,
 )
 from ..transforms import BatchedMultiCrop, MultiCropTransform
 from .arguments import DataArguments
-
-FASHION_MNIST = "fashion-mnist"
 
 
 @dataclass
@@ -49,9 +49,9 @@ def load_split(
     counter: SkippedImageCounter | None = None,
     max_samples: int | None = None,
 ) -> LabelledImages:
-    """Decode one split into memory at `size` x `size` (Fashion-MNIST straight from its IDX files)."""
-    if data_args.dataset_name == FASHION_MNIST:
-        images, labels = fashion_mnist_arrays("train" if split == "train" else "test")
+    """Decode one split into memory at `size` x `size` (Fashion-MNIST straight from the IDX files in data_dir)."""
+    if is_fashion_mnist(data_args.dataset_name):
+        images, labels = fashion_mnist_arrays(split, root=data_args.data_dir or FASHION_MNIST_ROOT)
         return LabelledImages(images, labels).head(max_samples)
     dataset = open_dataset(data_args, split)
     if max_samples is not None:
@@ -74,8 +74,9 @@ def open_dataset(data_args: DataArguments, split: str, streaming: bool = False):
 
 def check_dataset(data_args: DataArguments, need_labels: bool) -> None:
     """Fail early, in the driver, on an unknown dataset, split or column."""
-    if data_args.dataset_name == FASHION_MNIST:
-        fashion_mnist_arrays("train")
+    if is_fashion_mnist(data_args.dataset_name):
+        for split in filter(None, (data_args.train_split, data_args.eval_split)):
+            fashion_mnist_arrays(split, root=data_args.data_dir or FASHION_MNIST_ROOT)
         return
     train = open_dataset(data_args, data_args.train_split, streaming=data_args.streaming)
     try:

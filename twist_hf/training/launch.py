@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 
 from ..distributed import bunch_layout
+from ..hub import require_hub_token
+from ..outputs import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, LOG_FILE, MODEL_DIR, RAY_STORAGE_DIR, RESULTS_FILE
 from .arguments import PretrainArguments, arguments_from_dict
-from .checkpoint import MODEL_DIR
 from .data import check_dataset
-from .loop import RESULTS_FILE, LocalReporter, train_worker
+from .loop import LocalReporter, train_worker
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +53,9 @@ def _check_bunch(config, batch: int, world: int) -> None:
     if config.last_norm != "bunch":
         return
     try:
-        bunch_layout(batch, config.bunch_size)
+        bunch_layout(batch, config.bunch_size, world)
     except ValueError as error:
-        raise LaunchError(str(error)) from error
-    # bunch_layout answers for this process's world (1 in the driver): count the ranks a bunch spans here.
-    ranks = max(config.bunch_size // batch, 1)
-    if world > 1 and ranks > 1 and world % ranks:
-        raise LaunchError(
-            f"bunch_size {config.bunch_size} with per_device_train_batch_size {batch} spans {ranks} workers, which "
-            f"does not divide the {world} workers. Change --bunch_size, --per_device_train_batch_size or "
-            "--num_workers."
-        )
+        raise LaunchError(f"{error} (options: --bunch_size, --per_device_train_batch_size, --num_workers)") from error
 
 
 def _check_output_dir(args: PretrainArguments) -> None:
@@ -76,10 +69,10 @@ def _check_output_dir(args: PretrainArguments) -> None:
 
 
 def _check_hub_token(args: PretrainArguments) -> None:
-    from huggingface_hub import get_token
-
-    if not (args.training.hub_token or get_token()):
-        raise LaunchError("--push_to_hub needs a token: pass --hub_token, set HF_TOKEN, or run `hf auth login`.")
+    try:
+        require_hub_token(args.training.hub_token, "--push_to_hub")
+    except ValueError as error:
+        raise LaunchError(str(error)) from error
 
 
 def run_local(args: PretrainArguments) -> dict:
@@ -94,7 +87,7 @@ class RayReporter:
         import ray.train
 
         ray_checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
-        name = f"checkpoint-{metrics['global_step']:09d}" if checkpoint is not None else None
+        name = f"{CHECKPOINT_PREFIX}{metrics['global_step']:09d}" if checkpoint is not None else None
         ray.train.report(metrics, checkpoint=ray_checkpoint, checkpoint_dir_name=name)
 
     def restored_checkpoint(self) -> Path | None:
@@ -189,7 +182,7 @@ def run_ray(args: PretrainArguments) -> dict:
     try:
         _check_cluster(args)
         output_dir = Path(args.training.output_dir).resolve()
-        storage = args.launch.storage_path or str(output_dir / "ray")
+        storage = args.launch.storage_path or str(output_dir / RAY_STORAGE_DIR)
         trainer = build_torch_trainer(
             args,
             name=f"{output_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -230,12 +223,12 @@ def summary_lines(args: PretrainArguments, metrics: dict) -> list[str]:
     lines = [
         f"Model (AutoModel.from_pretrained): {output}",
         f"Results: {output / RESULTS_FILE}",
-        f"Training log: {output / 'log.jsonl'}",
+        f"Training log: {output / LOG_FILE}",
     ]
     if "checkpoints" in metrics:
         lines.append(f"Checkpoints (Ray storage): {metrics['checkpoints']}")
     else:
-        lines.append(f"Checkpoints: {output / 'checkpoints'}")
+        lines.append(f"Checkpoints: {output / CHECKPOINTS_DIR}")
     shown = {
         key: metrics[key]
         for key in ("knn_top1", "knn_top5", "train_runtime", "train_images_per_second", "skipped_images")

@@ -15,12 +15,12 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from ..cli import check_known_options, read_yaml_options, split_config_flag
+from ..configuration_twist import check_choice
 from ..training.arguments import ARGUMENT_CLASSES, PretrainArguments, read_recipe
 from .trial import SWEEP_METRICS
 
 SEARCH_ALGORITHMS = ("random", "grid", "optuna")
 SCHEDULERS = ("asha", "fifo")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -30,7 +30,8 @@ class SweepArguments:
     base_recipe: str | None = field(
         default=None,
         metadata={
-            "help": "Pretraining recipe every trial starts from (relative to the sweep YAML, or the repository root)."
+            "help": "Pretraining recipe every trial starts from: a path relative to the sweep YAML (in the YAML), "
+            "to the current folder, or absolute."
         },
     )
     search_space: dict | str | None = field(
@@ -67,8 +68,7 @@ class SweepArguments:
             ("search_alg", self.search_alg, SEARCH_ALGORITHMS),
             ("scheduler", self.scheduler, SCHEDULERS),
         ):
-            if value not in choices:
-                raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {value!r}.")
+            check_choice(f"--{name}", value, choices)
         if self.num_samples < 1:
             raise ValueError("--num_samples must be at least 1.")
         if self.max_concurrent_trials < 0:
@@ -102,10 +102,17 @@ def read_sweep_config(path: str | os.PathLike) -> dict:
 
 
 def _resolve_recipe(name: str, folder: Path) -> Path:
-    for candidate in (folder / name, Path(name), REPO_ROOT / name):
+    """The recipe file by an explicit path (relative to `folder` first), so a sweep runs the same from an
+    installed package as from a checkout."""
+    candidates = (folder / name, Path(name))
+    for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
-    raise FileNotFoundError(f"Base recipe {name} not found next to the sweep config, here, or in {REPO_ROOT}.")
+    tried = ", ".join(str(candidate.resolve()) for candidate in candidates)
+    raise FileNotFoundError(
+        f"Base recipe {name} not found (tried {tried}). Give base_recipe as an absolute path, or relative to the "
+        "sweep config (in its YAML) or to the current folder (on the command line)."
+    )
 
 
 def parse_sweep_args(argv: list[str]) -> SweepSetup:

@@ -10,6 +10,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..hub import require_hub_token
+from ..outputs import RAY_STORAGE_DIR
 from ..training.arguments import PretrainArguments
 from ..training.launch import start_ray, validate_before_launch, worker_resources
 from .arguments import SweepSetup
@@ -70,7 +72,7 @@ def plan_sweep(setup: SweepSetup) -> SweepPlan:
     _check_metric(sweep.metric, base)
     _check_hub(sweep, base)
     output_dir = Path(base.training.output_dir).resolve()
-    storage = Path(base.launch.storage_path).resolve() if base.launch.storage_path else output_dir / "ray"
+    storage = Path(base.launch.storage_path).resolve() if base.launch.storage_path else output_dir / RAY_STORAGE_DIR
     plan = SweepPlan(setup, dimensions, output_dir, storage, sweep.sweep_name or output_dir.name)
     _check_values(plan)
     _check_output(plan)
@@ -83,10 +85,12 @@ def _check_metric(metric: str, base: PretrainArguments) -> None:
 
 
 def _check_hub(sweep, base: PretrainArguments) -> None:
-    from huggingface_hub import get_token
-
-    if sweep.push_best_to_hub and not (base.training.hub_token or get_token()):
-        raise SweepError("--push_best_to_hub needs a token: pass --hub_token, set HF_TOKEN, or run `hf auth login`.")
+    if not sweep.push_best_to_hub:
+        return
+    try:
+        require_hub_token(base.training.hub_token, "--push_best_to_hub")
+    except ValueError as error:
+        raise SweepError(str(error)) from error
 
 
 def _check_values(plan: SweepPlan) -> None:
