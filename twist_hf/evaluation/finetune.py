@@ -111,7 +111,7 @@ def linear_probe_recipe(
     return LinearProbeRecipe(base * batch / REFERENCE_BATCH, batch, epochs, blocks, rule)
 
 
-def per_process_batch_size(global_batch_size: int, num_processes: int, option: str) -> int:
+def per_process_batch_size(global_batch_size: int, num_processes: int, option: str = "the batch size") -> int:
     """The share of a global batch each process takes; the global batch must split evenly."""
     if global_batch_size < num_processes or global_batch_size % num_processes:
         raise ValueError(

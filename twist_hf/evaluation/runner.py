@@ -138,7 +138,7 @@ def _extract_splits(
         kept = decoded_rows(extracted.labels)
         skipped += int((~kept).sum())
         if not kept.all():
-            setattr(splits, name, getattr(splits, name).select(torch.flatnonzero(kept).tolist()))
+            setattr(splits, name, getattr(splits, name).select(kept.nonzero().flatten().tolist()))
             extracted = FeatureSet(
                 extracted.features[kept],
                 None if extracted.logits is None else extracted.logits[kept],
