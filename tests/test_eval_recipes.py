@@ -12,6 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from test_eval_protocols import one_torch_thread  # noqa: F401 - the autouse fixture: one torch thread here too
 
 from twist_hf import TwistConfig, TwistModel
 from twist_hf.data import FASHION_MNIST_CLASSES, load_fashion_mnist
@@ -29,14 +30,6 @@ from twist_hf.evaluation.finetune import linear_probe_recipe, per_process_batch_
 REPO = Path(__file__).resolve().parents[1]
 VIT_WIDTH, VIT_DEPTH = 32, 5
 SYNSETS = ("n01440764", "n01443537")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
