@@ -3,6 +3,7 @@ checked on tiny models through the optimizer's lr, the batches the loaders used 
 evaluation survives corrupt images."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -85,9 +86,14 @@ def run_args(model: Path, dataset: Path, protocol: str, output_dir: Path) -> Eva
     )
 
 
-def test_resnet_linear_probe_defaults_are_lr_0_2_unscaled_and_global_batch_1024(resnet_dir, image_folder, tmp_path):
-    linear = LinearArguments(linear_mode="paper", linear_epochs=2)
-    metrics = run_evaluation(run_args(resnet_dir, image_folder, "linear", tmp_path), linear_args=linear)
+def test_resnet_linear_probe_defaults_are_lr_0_2_unscaled_and_global_batch_1024(
+    resnet_dir, image_folder, tmp_path, caplog
+):
+    args = run_args(resnet_dir, image_folder, "linear", tmp_path)
+    args.reproduces = "ResNet-50 linear top-1 75.5"
+    with caplog.at_level(logging.INFO, logger="twist_hf.evaluation"):
+        metrics = run_evaluation(args, linear_args=LinearArguments(linear_mode="paper", linear_epochs=2))
+    assert "reproduces: ResNet-50 linear top-1 75.5" in caplog.text
     assert metrics["linear_lr"] == pytest.approx(0.2)  # read off the optimizer: not 0.2 x 1024 / 256
     assert metrics["linear_batch_size"] == 1024 and metrics["linear_batch_size_per_process"] == 1024
     assert metrics["linear_feature_size"] == 16  # the pooled ResNet feature
