@@ -115,13 +115,17 @@ def test_vit_linear_probe_uses_the_last_four_cls_tokens_and_the_vit_s_lr_scaled_
 
 def test_vit_b_width_gets_the_vit_b_lr_and_other_backbones_keep_one_feature(resnet_dir):
     torch.manual_seed(0)
-    vit_b = FeatureModel(TwistModel(tiny_vit_config(width=768, depth=1)).eval())
+    vit_b = FeatureModel(TwistModel(tiny_vit_config(width=768, depth=4)).eval())
     recipe = linear_probe_recipe(vit_b)
     assert recipe.lr == pytest.approx(0.0015 * 1024 / 256) and recipe.cls_blocks == 4
     resnet, _ = load_feature_model(str(resnet_dir))
     assert linear_probe_recipe(resnet, global_batch_size=256).lr == 0.2 and linear_probe_recipe(resnet).cls_blocks == 1
     with pytest.raises(ValueError, match="needs a timm Vision Transformer"):
         resnet.with_cls_blocks(4)
+    with pytest.raises(ValueError, match="--linear_cls_blocks 4: only Vision Transformers"):
+        linear_probe_recipe(resnet, cls_blocks=4)
+    with pytest.raises(ValueError, match="--linear_cls_blocks 5: this ViT has only 4 blocks"):
+        linear_probe_recipe(vit_b, cls_blocks=5)
 
 
 def test_four_block_features_are_the_final_norm_cls_token_of_each_of_the_last_four_blocks(vit_dir):

@@ -102,11 +102,18 @@ def linear_probe_recipe(
     batch = global_batch_size or LINEAR_GLOBAL_BATCH
     vit = backbone.vision_transformer
     if vit is None:
+        if cls_blocks not in (None, 1):
+            raise ValueError(
+                f"--linear_cls_blocks {cls_blocks}: only Vision Transformers have CLS tokens to concatenate; "
+                "leave it unset (or 1) for this backbone."
+            )
         lr = RESNET_LINEAR_LR if base_lr is None else base_lr
         return LinearProbeRecipe(lr, batch, epochs, 1, f"ResNet protocol: lr {lr:g}, not scaled with the batch")
     family = "ViT-S" if vit.embed_dim <= VIT_S_WIDTH else "ViT-B"
     base = VIT_LINEAR_BASE_LRS[family] if base_lr is None else base_lr
     blocks = cls_blocks or VIT_CLS_BLOCKS
+    if blocks > len(vit.blocks):
+        raise ValueError(f"--linear_cls_blocks {blocks}: this ViT has only {len(vit.blocks)} blocks; use at most that.")
     rule = f"{family} protocol: lr {base:g} x global batch {batch} / {REFERENCE_BATCH}, CLS of the last {blocks} blocks"
     return LinearProbeRecipe(base * batch / REFERENCE_BATCH, batch, epochs, blocks, rule)
 

@@ -16,7 +16,13 @@ from .arguments import ClusterArguments, EvalArguments, KnnArguments, LinearArgu
 from .clustering import cluster_metrics, hungarian_match, matched_class_probabilities, matched_predictions
 from .data import LabelledSplits, class_balanced_subset, decoded_rows, load_labelled_splits, subset_from_file
 from .features import FeatureModel, FeatureSet, extract_features, load_feature_model
-from .finetune import LinearProbeRecipe, linear_probe_on_images, linear_probe_recipe, semi_supervised_finetune
+from .finetune import (
+    LinearProbeRecipe,
+    linear_probe_on_images,
+    linear_probe_recipe,
+    per_process_batch_size,
+    semi_supervised_finetune,
+)
 from .knn import knn_evaluate
 from .linear import linear_probe_on_features
 from .plots import plot_confusion_matrix, plot_top3_predictions, plot_training_curves
@@ -24,7 +30,7 @@ from .reporting import save_eval_results, update_model_card
 
 logger = logging.getLogger(__name__)
 
-# Semi-supervised recipes of the paper per label fraction: (epochs, backbone lr per 256 images).
+# Semi-supervised recipes of the paper per label fraction: (epochs, backbone lr, unscaled).
 SEMI_RECIPES = {0.01: (20, 0.04), 0.1: (20, 0.02), 1.0: (30, 0.01)}
 # Batch of the fast feature-cache probe (one process), unless --linear_batch_size says otherwise.
 FAST_LINEAR_BATCH = 256
@@ -57,6 +63,7 @@ def run_evaluation(
         linear_args.linear_base_lr,
         linear_args.linear_cls_blocks,
     )
+    _check_batches_split(protocols, linear_args, linear_recipe, semi_args, accelerator.num_processes)
     splits = load_labelled_splits(
         eval_args.dataset,
         eval_args.train_split,
@@ -108,6 +115,20 @@ def _applicable_protocols(eval_args: EvalArguments, feature_model: FeatureModel)
     if "cluster" in eval_args.protocols:
         logger.warning("%s has no TWIST head: skipping the cluster protocol.", eval_args.model)
     return tuple(p for p in eval_args.protocols if p != "cluster")
+
+
+def _check_batches_split(
+    protocols: tuple[str, ...],
+    linear_args: LinearArguments,
+    linear_recipe: LinearProbeRecipe,
+    semi_args: SemiArguments,
+    num_processes: int,
+) -> None:
+    """Fail before any data is read when a global batch does not split evenly over the processes."""
+    if "linear" in protocols and linear_args.linear_mode == "paper":
+        linear_recipe.per_process_batch_size(num_processes)
+    if "semi" in protocols:
+        per_process_batch_size(semi_args.semi_batch_size, num_processes, "--semi_batch_size")
 
 
 def _extract_splits(
