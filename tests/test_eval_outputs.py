@@ -124,6 +124,7 @@ def test_yaml_config_errors_name_the_problem(tmp_path):
 def test_every_shipped_eval_config_parses(config):
     eval_args, *_ = parse_evaluation_arguments(["--config", str(config), "--model", "user/model"])
     assert isinstance(eval_args, EvalArguments) and eval_args.dataset and eval_args.protocol
+    assert eval_args.reproduces, f"{config.name} must say which published number it reproduces (reproduces:)"
 
 
 def test_transfer_configs_cover_the_papers_four_datasets():

@@ -1,6 +1,8 @@
 """Labelled image splits for evaluation: loading, label normalisation, label subsets and batching."""
 
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +13,14 @@ from datasets import ClassLabel, Dataset, Image
 from torchvision.transforms import v2
 from transformers import BaseImageProcessor
 
-from twist_hf.data import load_image_dataset, to_rgb
+from twist_hf.data import decode_image_or_reason, load_image_dataset, with_undecoded_images
+
+logger = logging.getLogger(__name__)
+
+# A training file name of the Hub's ImageNet: `<synset>_<number>_<synset>.JPEG`.
+_HUB_IMAGENET_NAME = re.compile(r"(?P<image_id>(?P<synset>n\d{8})_\d+)_(?P=synset)(?P<extension>\.\w+)")
+# Label of a row whose image could not be decoded; such rows are dropped before any loss or score.
+SKIPPED_LABEL = -1
 
 
 @dataclass
@@ -53,15 +62,22 @@ def load_labelled_splits(
 def labelled_splits_from(
     train: Dataset, test: Dataset, image_column: str = "image", label_column: str = "label"
 ) -> LabelledSplits:
-    """Check both splits have the columns, give them one shared ClassLabel, keep only those two columns."""
+    """Check both splits have the columns, give them one shared ClassLabel, keep only those two columns.
+
+    Images stay undecoded until batching, so that one corrupt file is skipped and counted, as in training."""
     for split_name, split in (("train", train), ("test", test)):
         _check_columns(split, split_name, image_column, label_column)
     train, test, class_names = _shared_class_labels(
-        train.select_columns([image_column, label_column]),
-        test.select_columns([image_column, label_column]),
+        _undecoded(train.select_columns([image_column, label_column]), image_column),
+        _undecoded(test.select_columns([image_column, label_column]), image_column),
         label_column,
     )
     return LabelledSplits(train, test, class_names, image_column, label_column)
+
+
+def _undecoded(split: Dataset, image_column: str) -> Dataset:
+    """Image columns as raw {bytes, path}: the collator decodes them, skipping (not dying on) corrupt files."""
+    return with_undecoded_images(split, image_column) if isinstance(split.features[image_column], Image) else split
 
 
 def _check_columns(split: Dataset, split_name: str, image_column: str, label_column: str) -> None:
@@ -114,14 +130,16 @@ def class_balanced_subset(labels: np.ndarray, fraction: float, seed: int = 0) ->
 
 
 def subset_from_file(dataset: Dataset, subset_file: str, image_column: str, id_column: str | None = None) -> np.ndarray:
-    """Sorted indices of the rows named in `subset_file` (one image id or path per line).
+    """Sorted indices of the rows named in `subset_file` (one image id or path per line, as the SimCLR lists:
+    `n01440764_10026.JPEG`).
 
-    Rows are matched by file name: the `id_column` value when given, else the image's file path.
+    Rows are matched by file name: the `id_column` value when given, else the image's file path. The Hub's
+    ImageNet names its files `<id>_<synset>.JPEG` (`n01440764_10026_n01440764.JPEG`): that suffix is ignored.
     """
     wanted = {Path(line.strip()).name for line in Path(subset_file).read_text().splitlines() if line.strip()}
     if not wanted:
         raise ValueError(f"Subset file {subset_file} lists no image ids; put one id or path per line.")
-    names = _row_names(dataset, image_column, id_column)
+    names = [_without_synset_suffix(name) for name in _row_names(dataset, image_column, id_column)]
     index = np.array([i for i, name in enumerate(names) if name in wanted], dtype=np.int64)
     missing = wanted - {names[i] for i in index}
     if missing:
@@ -131,6 +149,12 @@ def subset_from_file(dataset: Dataset, subset_file: str, image_column: str, id_c
             "naming the column that holds the ids."
         )
     return index
+
+
+def _without_synset_suffix(name: str) -> str:
+    """`n01440764_10026_n01440764.JPEG` (the Hub's ImageNet) -> `n01440764_10026.JPEG`; other names unchanged."""
+    match = _HUB_IMAGENET_NAME.fullmatch(name)
+    return f"{match['image_id']}{match['extension']}" if match else name
 
 
 def _row_names(dataset: Dataset, image_column: str, id_column: str | None) -> list[str]:
@@ -173,7 +197,12 @@ def training_augmentation(processor: BaseImageProcessor) -> v2.Compose:
 
 
 class ImageClassificationCollator:
-    """Collate dataset rows into {"pixel_values": (B,3,H,W), "labels": (B,)} with a per-image transform."""
+    """Collate dataset rows into {"pixel_values": (B,3,H,W), "labels": (B,)} with a per-image transform.
+
+    An undecodable image keeps its place in the batch (so that batch sizes, and the padding Accelerate
+    removes after a gather, stay exact) as a zero image labelled SKIPPED_LABEL; drop those rows with
+    `decoded_rows` before training on or scoring the batch.
+    """
 
     def __init__(self, transform, image_column: str = "image", label_column: str = "label"):
         self.transform = transform
@@ -181,6 +210,26 @@ class ImageClassificationCollator:
         self.label_column = label_column
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        pixels = [self.transform(to_rgb(row[self.image_column])) for row in rows]
-        labels = [row[self.label_column] for row in rows]
-        return {"pixel_values": torch.stack(pixels), "labels": torch.as_tensor(labels, dtype=torch.long)}
+        images = [self._decode(row[self.image_column]) for row in rows]
+        pixels = [self.transform(image) for image in images if image is not None]
+        if not pixels:
+            pixels = [self.transform(PIL.Image.new("RGB", (32, 32)))]
+        placeholder = torch.zeros_like(pixels[0])
+        pixel_iter = iter(pixels)
+        stacked = [placeholder if image is None else next(pixel_iter) for image in images]
+        labels = [SKIPPED_LABEL if image is None else row[self.label_column] for image, row in zip(images, rows)]
+        return {"pixel_values": torch.stack(stacked), "labels": torch.as_tensor(labels, dtype=torch.long)}
+
+    @staticmethod
+    def _decode(value) -> PIL.Image.Image | None:
+        """The image in RGB, or None (logged with the reason) when it cannot be decoded."""
+        image, reason = decode_image_or_reason(value)
+        if reason is not None:
+            where = value.get("path") if isinstance(value, dict) else None
+            logger.warning("Skipping an undecodable image%s: %s.", f" ({where})" if where else "", reason)
+        return image
+
+
+def decoded_rows(labels: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the batch rows whose image was decoded (the others carry SKIPPED_LABEL)."""
+    return labels != SKIPPED_LABEL

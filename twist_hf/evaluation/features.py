@@ -3,6 +3,7 @@
 import contextlib
 from dataclasses import dataclass
 
+import PIL.Image
 import torch
 from accelerate import Accelerator
 from datasets import Dataset
@@ -30,17 +31,44 @@ class FeatureModel(nn.Module):
 
     Backbone features are pooler_output flattened; without a (trained) pooler, the CLS token of a
     transformer or the spatial mean of a CNN feature map. Head logits only come from a trained TWIST head.
+    With `cls_blocks` = n > 1 (timm Vision Transformers only) the features are the final-norm CLS tokens of
+    the last n blocks concatenated (n x D wide, the last block last), as the authors' ViT linear probe uses.
     """
 
-    def __init__(self, model: PreTrainedModel, use_pooler: bool = True, trained_head: bool = True):
+    def __init__(self, model: PreTrainedModel, use_pooler: bool = True, trained_head: bool = True, cls_blocks: int = 1):
         super().__init__()
         self.model = model
         self.use_pooler = use_pooler
+        self.trained_head = trained_head
         self.has_head = model.config.model_type == TWIST_MODEL_TYPE and trained_head
+        self.cls_blocks = cls_blocks
+        if cls_blocks < 1 or (cls_blocks > 1 and self.vision_transformer is None):
+            raise ValueError(
+                f"cls_blocks={cls_blocks}: concatenating the CLS tokens of several blocks needs a timm Vision "
+                "Transformer backbone and cls_blocks >= 1; use 1 for other backbones."
+            )
+
+    @property
+    def vision_transformer(self) -> nn.Module | None:
+        """The timm Vision Transformer (with a CLS token) inside the model, or None for other backbones."""
+        backbone = self.model.backbone if self._is_twist else self.model
+        timm_model = getattr(backbone, "timm_model", None)
+        is_vit = hasattr(timm_model, "forward_intermediates") and hasattr(timm_model, "blocks")
+        return timm_model if is_vit and getattr(timm_model, "cls_token", None) is not None else None
+
+    def with_cls_blocks(self, cls_blocks: int) -> "FeatureModel":
+        """The same model (shared weights) giving the CLS tokens of the last `cls_blocks` blocks."""
+        return FeatureModel(self.model, self.use_pooler, self.trained_head, cls_blocks)
+
+    @property
+    def _is_twist(self) -> bool:
+        return self.model.config.model_type == TWIST_MODEL_TYPE
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.cls_blocks > 1:
+            return self._last_blocks_cls(pixel_values), None
         outputs = self.model(pixel_values=pixel_values, return_dict=True)
-        if self.model.config.model_type == TWIST_MODEL_TYPE:
+        if self._is_twist:
             return outputs.pooler_output, (outputs.logits if self.has_head else None)
         pooled = getattr(outputs, "pooler_output", None)
         if self.use_pooler and pooled is not None:
@@ -48,12 +76,26 @@ class FeatureModel(nn.Module):
         hidden = outputs.last_hidden_state
         return (hidden[:, 0] if hidden.ndim == 3 else hidden.flatten(2).mean(dim=2)), None
 
+    def _last_blocks_cls(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, cls_blocks x D): the final-norm CLS token of each of the last cls_blocks blocks, in block order."""
+        vit = self.vision_transformer
+        outputs = vit.forward_intermediates(
+            pixel_values.to(vit.cls_token.dtype),
+            indices=self.cls_blocks,
+            norm=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+            return_prefix_tokens=True,
+        )
+        return torch.cat([prefix[:, 0] for _, prefix in outputs], dim=-1)
+
 
 def load_feature_model(name_or_path: str) -> tuple[FeatureModel, BaseImageProcessor]:
     """Load a model folder or Hub id with AutoModel, and its image processor, ready for extraction.
 
     Parts the checkpoint lacks are freshly random, so they are not used: a pooler (e.g. ViTModel from a
     classifier) gives way to the CLS token, and a TWIST head (a backbone-only checkpoint) to no logits.
+    A TWIST model's processor resizes bilinearly, as the authors' evaluation transforms do.
     """
     model, loading_info = AutoModel.from_pretrained(name_or_path, output_loading_info=True)
     untrained_pooler = any(key.startswith("pooler.") for key in loading_info["missing_keys"])
@@ -65,6 +107,8 @@ def load_feature_model(name_or_path: str) -> tuple[FeatureModel, BaseImageProces
             f"{name_or_path} has no image processor (preprocessor_config.json); save one next to the model "
             "so that evaluation preprocesses images the way the model expects."
         ) from error
+    if model.config.model_type == TWIST_MODEL_TYPE:
+        processor.resample = PIL.Image.Resampling.BILINEAR  # the authors' evaluation resize (training: bicubic)
     return FeatureModel(model.eval(), use_pooler=not untrained_pooler, trained_head=not untrained_head), processor
 
 

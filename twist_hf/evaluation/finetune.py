@@ -1,7 +1,9 @@
 """Image-level protocols: the paper's linear probe on augmented images, semi-supervised fine-tuning."""
 
+import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -13,11 +15,29 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageClassification, BaseImageProcessor, PreTrainedModel
 
-from .data import ImageClassificationCollator, LabelledSplits, ProcessorTransform, training_augmentation
+from .data import (
+    ImageClassificationCollator,
+    LabelledSplits,
+    ProcessorTransform,
+    decoded_rows,
+    training_augmentation,
+)
 from .features import FeatureModel
 from .metrics import topk_accuracy
 
+logger = logging.getLogger(__name__)
+
 REFERENCE_BATCH = 256
+# The authors' linear probe (twist-method.md section 7): global batch 1024, 100 epochs; ResNet lr 0.2 as is,
+# ViT lr per 256 images by width (ViT-S is 384 wide), on the CLS tokens of the last 4 blocks.
+LINEAR_GLOBAL_BATCH = 1024
+RESNET_LINEAR_LR = 0.2
+VIT_LINEAR_BASE_LRS = {"ViT-S": 0.02, "ViT-B": 0.0015}
+VIT_S_WIDTH = 384
+VIT_CLS_BLOCKS = 4
+# Semi-supervised fine-tuning: global batch 256, head lr 0.2, both lrs unscaled.
+SEMI_GLOBAL_BATCH = 256
+SEMI_HEAD_LR = 0.2
 
 
 class FrozenBackboneLinear(nn.Module):
@@ -52,41 +72,138 @@ class ClassifierLogits(nn.Module):
         return self.model(pixel_values=pixel_values).logits
 
 
-def train_classifier(
+@dataclass(frozen=True)
+class LinearProbeRecipe:
+    """The authors' image-level linear probe for one backbone: absolute lr, global batch, epochs, features."""
+
+    lr: float
+    global_batch_size: int
+    epochs: int
+    cls_blocks: int
+    rule: str
+
+    def per_process_batch_size(self, num_processes: int) -> int:
+        return per_process_batch_size(self.global_batch_size, num_processes, "--linear_batch_size")
+
+
+def linear_probe_recipe(
+    backbone: FeatureModel,
+    epochs: int = 100,
+    global_batch_size: int | None = None,
+    base_lr: float | None = None,
+    cls_blocks: int | None = None,
+) -> LinearProbeRecipe:
+    """The authors' linear probe for this backbone; None values take the backbone's defaults.
+
+    ResNets (any non-ViT): global batch 1024, lr 0.2 NOT scaled with the batch, the pooled feature.
+    timm ViTs: global batch 1024, lr 0.02 (ViT-S, width <= 384) or 0.0015 (ViT-B) x global batch / 256,
+    the CLS tokens of the last 4 blocks concatenated.
+    """
+    batch = global_batch_size or LINEAR_GLOBAL_BATCH
+    vit = backbone.vision_transformer
+    if vit is None:
+        if cls_blocks not in (None, 1):
+            raise ValueError(
+                f"--linear_cls_blocks {cls_blocks}: only Vision Transformers have CLS tokens to concatenate; "
+                "leave it unset (or 1) for this backbone."
+            )
+        lr = RESNET_LINEAR_LR if base_lr is None else base_lr
+        return LinearProbeRecipe(lr, batch, epochs, 1, f"ResNet protocol: lr {lr:g}, not scaled with the batch")
+    family = "ViT-S" if vit.embed_dim <= VIT_S_WIDTH else "ViT-B"
+    base = VIT_LINEAR_BASE_LRS[family] if base_lr is None else base_lr
+    blocks = cls_blocks or VIT_CLS_BLOCKS
+    if blocks > len(vit.blocks):
+        raise ValueError(f"--linear_cls_blocks {blocks}: this ViT has only {len(vit.blocks)} blocks; use at most that.")
+    rule = f"{family} protocol: lr {base:g} x global batch {batch} / {REFERENCE_BATCH}, CLS of the last {blocks} blocks"
+    return LinearProbeRecipe(base * batch / REFERENCE_BATCH, batch, epochs, blocks, rule)
+
+
+def per_process_batch_size(global_batch_size: int, num_processes: int, option: str = "the batch size") -> int:
+    """The share of a global batch each process takes; the global batch must split evenly."""
+    if global_batch_size < num_processes or global_batch_size % num_processes:
+        raise ValueError(
+            f"{option} {global_batch_size} is the global batch, split over {num_processes} processes: it must be a "
+            f"multiple of {num_processes}. Change {option} or the number of processes."
+        )
+    return global_batch_size // num_processes
+
+
+def train_and_evaluate(
     model: nn.Module,
     param_groups: list[dict],
     train_loader: DataLoader,
+    test_loader: DataLoader,
     epochs: int,
     accelerator: Accelerator,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
-) -> nn.Module:
-    """Cross-entropy training with SGD + momentum, every group's lr following one cosine over all steps."""
+) -> dict[str, float]:
+    """Cross-entropy SGD (momentum, one cosine to 0 over all steps), scored on test after every epoch.
+
+    Returns the last epoch's top1/top5, the best top1 over the epochs (as the authors report) and its epoch,
+    the optimizer's starting lr of each group (`lr_0`, `lr_1`, ...), the per-process and global batch, and
+    `skipped_images` (undecodable images in one pass over train and test). Those rows never count.
+    """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}.")
     optimizer = torch.optim.SGD(param_groups, momentum=momentum, weight_decay=weight_decay)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, train_loader)
+    model, optimizer, train, test = accelerator.prepare(model, optimizer, train_loader, test_loader)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
-    total_steps, step = epochs * len(loader), 0
-    model.train()
+    history, skipped_train = [], 0
     for epoch in range(epochs):
-        progress = tqdm(loader, desc=f"train epoch {epoch + 1}/{epochs}", disable=not accelerator.is_local_main_process)
-        for batch in progress:
-            for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
-            with accelerator.autocast():
-                loss = F.cross_entropy(model(batch["pixel_values"]).float(), batch["labels"])
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            progress.set_postfix(loss=f"{loss.item():.3f}")
-            step += 1
-    return accelerator.unwrap_model(model)
+        skipped_train = _train_one_epoch(model, optimizer, base_lrs, train, epoch, epochs, accelerator)
+        accuracy, skipped_test = _evaluate(model, test, accelerator)
+        history.append(accuracy)
+    best_epoch = max(range(epochs), key=lambda e: history[e][1])
+    per_process = train_loader.batch_size
+    skipped = skipped_train + skipped_test
+    if skipped:
+        logger.warning("Skipped %d undecodable images (%d train, %d test).", skipped, skipped_train, skipped_test)
+    return {
+        "top1": history[-1][1],
+        "top5": history[-1][5],
+        "best_top1": history[best_epoch][1],
+        "best_epoch": best_epoch + 1,
+        **{f"lr_{i}": lr for i, lr in enumerate(base_lrs)},
+        "batch_size_per_process": per_process,
+        "batch_size": per_process * accelerator.num_processes,
+        "skipped_images": skipped,
+    }
 
 
-def evaluate_classifier(model: nn.Module, test_loader: DataLoader, accelerator: Accelerator) -> dict[int, float]:
-    """Top-1 / top-5 accuracy of pixel_values -> logits over the whole (gathered) test split."""
-    model, loader = accelerator.prepare(model, test_loader)
+def _train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    base_lrs: list[float],
+    loader: DataLoader,
+    epoch: int,
+    epochs: int,
+    accelerator: Accelerator,
+) -> int:
+    """One epoch of the cosine schedule; returns the number of undecodable images seen (all processes)."""
+    model.train()
+    total_steps, skipped = epochs * len(loader), torch.zeros((), dtype=torch.long, device=accelerator.device)
+    progress = tqdm(loader, desc=f"train epoch {epoch + 1}/{epochs}", disable=not accelerator.is_local_main_process)
+    for index, batch in enumerate(progress):
+        step = epoch * len(loader) + index
+        for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+        labels = batch["labels"]
+        kept = decoded_rows(labels)
+        skipped += (~kept).sum()
+        with accelerator.autocast():
+            logits = model(batch["pixel_values"]).float()
+        # Skipped rows (placeholder images) add nothing; a batch of only skipped rows still steps (DDP-safe).
+        loss = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")[kept].sum() / kept.sum().clamp_min(1)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+    return int(accelerator.reduce(skipped, reduction="sum").item())
+
+
+def _evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> tuple[dict[int, float], int]:
+    """Top-1 / top-5 over the whole (gathered) test split, and how many of its images were undecodable."""
     model.eval()
     logits, labels = [], []
     with torch.inference_mode(), accelerator.autocast():
@@ -94,29 +211,47 @@ def evaluate_classifier(model: nn.Module, test_loader: DataLoader, accelerator: 
             gathered = accelerator.gather_for_metrics((model(batch["pixel_values"]).float(), batch["labels"]))
             logits.append(gathered[0].cpu())
             labels.append(gathered[1].cpu())
-    return topk_accuracy(torch.cat(logits), torch.cat(labels), (1, 5))
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    kept = decoded_rows(labels)
+    return topk_accuracy(logits[kept], labels[kept], (1, 5)), int((~kept).sum())
 
 
 def linear_probe_on_images(
     backbone: FeatureModel,
     splits: LabelledSplits,
     processor: BaseImageProcessor,
-    epochs: int = 100,
-    batch_size: int = 256,
-    base_lr: float = 0.2,
+    recipe: LinearProbeRecipe | None = None,
     num_workers: int = 0,
     accelerator: Accelerator | None = None,
 ) -> dict[str, float]:
-    """The paper's linear probe: frozen backbone, augmented images, SGD lr base_lr x batch/256, cosine."""
+    """The authors' linear probe (default: `linear_probe_recipe(backbone)`): frozen backbone, augmented
+    images, SGD momentum 0.9 at recipe.lr, cosine, wd 0; last and best top-1 over the epochs."""
     accelerator = accelerator or Accelerator()
+    recipe = recipe or linear_probe_recipe(backbone)
+    backbone = backbone.with_cls_blocks(recipe.cls_blocks)
+    batch_size = recipe.per_process_batch_size(accelerator.num_processes)
     train_loader, test_loader = _image_loaders(splits, splits.train, processor, batch_size, num_workers)
-    model = FrozenBackboneLinear(backbone, _feature_size(backbone, test_loader), splits.num_classes)
-    lr = base_lr * batch_size * accelerator.num_processes / REFERENCE_BATCH
-    model = train_classifier(
-        model, [{"params": model.classifier.parameters(), "lr": lr}], train_loader, epochs, accelerator
+    feature_size = _feature_size(backbone, test_loader)
+    model = FrozenBackboneLinear(backbone, feature_size, splits.num_classes)
+    result = train_and_evaluate(
+        model,
+        [{"params": model.classifier.parameters(), "lr": recipe.lr}],
+        train_loader,
+        test_loader,
+        recipe.epochs,
+        accelerator,
     )
-    accuracy = evaluate_classifier(model, test_loader, accelerator)
-    return {"linear_top1": accuracy[1], "linear_top5": accuracy[5]}
+    return {
+        "linear_top1": result["top1"],
+        "linear_top5": result["top5"],
+        "linear_best_top1": result["best_top1"],
+        "linear_best_epoch": result["best_epoch"],
+        "linear_lr": result["lr_0"],
+        "linear_batch_size": result["batch_size"],
+        "linear_batch_size_per_process": result["batch_size_per_process"],
+        "linear_feature_size": feature_size,
+        "skipped_images": result["skipped_images"],
+    }
 
 
 def load_classifier(name_or_path: str, class_names: Sequence[str]) -> PreTrainedModel:
@@ -149,18 +284,20 @@ def semi_supervised_finetune(
     train_indices: np.ndarray,
     epochs: int,
     backbone_lr: float,
-    head_lr: float = 0.2,
-    batch_size: int = 256,
+    head_lr: float = SEMI_HEAD_LR,
+    global_batch_size: int = SEMI_GLOBAL_BATCH,
     num_workers: int = 0,
     accelerator: Accelerator | None = None,
 ) -> dict[str, float]:
-    """Fine-tune backbone + new classifier on the labelled rows `train_indices`; top-1/top-5 on test.
+    """Fine-tune backbone + new classifier on the labelled rows `train_indices`; last and best top-1 on test.
 
-    Learning rates are per 256 images and scale linearly with the global batch.
+    As the authors: the global batch is split over the processes, both learning rates are used as given
+    (not scaled with the batch), SGD momentum 0.9, wd 0, cosine.
     """
     accelerator = accelerator or Accelerator()
     if len(train_indices) == 0:
         raise ValueError("The semi-supervised label subset is empty; raise the fraction or fix the subset file.")
+    batch_size = per_process_batch_size(global_batch_size, accelerator.num_processes, "--semi_batch_size")
     train_loader, test_loader = _image_loaders(
         splits, splits.train.select(train_indices), processor, batch_size, num_workers
     )
@@ -177,13 +314,12 @@ def finetune_classifier(
     head_lr: float,
     accelerator: Accelerator,
 ) -> dict[str, float]:
-    """Train backbone + classifier, learning rates per 256 images scaled linearly with the global batch of
-    `train_loader`; top-1/top-5 on `test_loader`."""
-    scale = train_loader.batch_size * accelerator.num_processes / REFERENCE_BATCH
-    groups = backbone_and_head_groups(classifier, backbone_lr * scale, head_lr * scale)
-    model = train_classifier(ClassifierLogits(classifier), groups, train_loader, epochs, accelerator)
-    accuracy = evaluate_classifier(model, test_loader, accelerator)
-    return {"top1": accuracy[1], "top5": accuracy[5]}
+    """Train backbone + classifier at the given (unscaled) learning rates; `train_and_evaluate`'s results,
+    with the groups' lrs named `backbone_lr` and `head_lr`."""
+    groups = backbone_and_head_groups(classifier, backbone_lr, head_lr)
+    result = train_and_evaluate(ClassifierLogits(classifier), groups, train_loader, test_loader, epochs, accelerator)
+    result["backbone_lr"], result["head_lr"] = result.pop("lr_0"), result.pop("lr_1")
+    return result
 
 
 def _feature_size(backbone: FeatureModel, loader: DataLoader) -> int:

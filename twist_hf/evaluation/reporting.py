@@ -10,7 +10,9 @@ from twist_hf.outputs import EVAL_RESULTS_FILE
 
 TASK_TYPE = "image-classification"
 # Bookkeeping values and repeats (knn_top1/5 copy the best k's) that stay out of the model card.
-NOT_FOR_CARD = ("linear_val_top1", "linear_best_lr", "knn_top1", "knn_top5")
+NOT_FOR_CARD = ("linear_val_top1", "linear_best_lr", "knn_top1", "knn_top5", "skipped_images")
+# Suffixes of the settings a protocol reports next to its accuracies (lrs, batch sizes, feature width, epoch).
+SETTING_SUFFIXES = ("_lr", "_batch_size", "_batch_size_per_process", "_feature_size", "_best_epoch")
 
 
 def save_eval_results(metrics: dict[str, float], output_dir: str | Path) -> Path:
@@ -34,7 +36,7 @@ def update_model_card(model_dir: str | Path, metrics: dict[str, float], dataset_
     rows = [
         (TASK_TYPE, dataset_id, key, round(float(value), 4))
         for key, value in metrics.items()
-        if key not in NOT_FOR_CARD
+        if key not in NOT_FOR_CARD and not key.endswith(SETTING_SUFFIXES)
     ]
     return add_eval_results(model_dir, rows)
 

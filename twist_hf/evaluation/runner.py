@@ -10,13 +10,19 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from twist_hf.data import BUILTIN_FASHION_MNIST_NAMES
+from twist_hf.data import BUILTIN_FASHION_MNIST_NAMES, decode_image
 
 from .arguments import ClusterArguments, EvalArguments, KnnArguments, LinearArguments, SemiArguments
 from .clustering import cluster_metrics, hungarian_match, matched_class_probabilities, matched_predictions
-from .data import LabelledSplits, class_balanced_subset, load_labelled_splits, subset_from_file
+from .data import LabelledSplits, class_balanced_subset, decoded_rows, load_labelled_splits, subset_from_file
 from .features import FeatureModel, FeatureSet, extract_features, load_feature_model
-from .finetune import linear_probe_on_images, semi_supervised_finetune
+from .finetune import (
+    LinearProbeRecipe,
+    linear_probe_on_images,
+    linear_probe_recipe,
+    per_process_batch_size,
+    semi_supervised_finetune,
+)
 from .knn import knn_evaluate
 from .linear import linear_probe_on_features
 from .plots import plot_confusion_matrix, plot_top3_predictions, plot_training_curves
@@ -24,8 +30,10 @@ from .reporting import save_eval_results, update_model_card
 
 logger = logging.getLogger(__name__)
 
-# Semi-supervised recipes of the paper per label fraction: (epochs, backbone lr per 256 images).
+# Semi-supervised recipes of the paper per label fraction: (epochs, backbone lr, unscaled).
 SEMI_RECIPES = {0.01: (20, 0.04), 0.1: (20, 0.02), 1.0: (30, 0.01)}
+# Batch of the fast feature-cache probe (one process), unless --linear_batch_size says otherwise.
+FAST_LINEAR_BATCH = 256
 HUB_DATASET_IDS = dict.fromkeys(BUILTIN_FASHION_MNIST_NAMES, "zalando-datasets/fashion_mnist")
 
 
@@ -37,12 +45,25 @@ def run_evaluation(
     cluster_args: ClusterArguments | None = None,
     accelerator: Accelerator | None = None,
 ) -> dict[str, float]:
-    """Evaluate eval_args.model with every requested protocol; returns the metrics (no `eval_` prefix)."""
+    """Evaluate eval_args.model with every requested protocol; returns the metrics (no `eval_` prefix).
+
+    `skipped_images` (only when some were) is the most undecodable images any one pass over the data met.
+    """
     knn_args, linear_args = knn_args or KnnArguments(), linear_args or LinearArguments()
     semi_args, cluster_args = semi_args or SemiArguments(), cluster_args or ClusterArguments()
     accelerator = accelerator or Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    if eval_args.reproduces:
+        logger.info("reproduces: %s", eval_args.reproduces)
     feature_model, processor = load_feature_model(eval_args.model)
     protocols = _applicable_protocols(eval_args, feature_model)
+    linear_recipe = linear_probe_recipe(
+        feature_model,
+        linear_args.linear_epochs,
+        linear_args.linear_batch_size,
+        linear_args.linear_base_lr,
+        linear_args.linear_cls_blocks,
+    )
+    _check_batches_split(protocols, linear_args, linear_recipe, semi_args, accelerator.num_processes)
     splits = load_labelled_splits(
         eval_args.dataset,
         eval_args.train_split,
@@ -54,16 +75,27 @@ def run_evaluation(
         eval_args.max_test_samples,
     )
     output_dir = Path(eval_args.output_dir or _default_output_dir(eval_args.model))
-    features = _cached_features(eval_args, linear_args, protocols, feature_model, processor, splits, accelerator)
+    fast_linear = "linear" in protocols and linear_args.linear_mode == "fast"
+    needs_train = "knn" in protocols or (fast_linear and linear_recipe.cls_blocks == 1)
+    needed = (["train"] if needs_train else []) + (["test"] if needs_train or "cluster" in protocols else [])
+    features, skipped = _extract_splits(eval_args, needed, feature_model, processor, splits, accelerator)
     metrics: dict[str, float] = {}
     if "knn" in protocols:
         metrics |= _run_knn(features, splits, knn_args)
     if "linear" in protocols:
-        metrics |= _run_linear(eval_args, linear_args, features, feature_model, processor, splits, accelerator)
+        metrics |= _run_linear(
+            eval_args, linear_args, linear_recipe, features, feature_model, processor, splits, accelerator
+        )
+        skipped = max(skipped, metrics.pop("skipped_images"))
     if "cluster" in protocols:
         metrics |= cluster_metrics(features["test"].logits, features["test"].labels, splits.num_classes)
     if "semi" in protocols:
-        metrics |= _run_semi(eval_args, semi_args, processor, splits, accelerator)
+        semi_metrics, semi_skipped = _run_semi(eval_args, semi_args, processor, splits, accelerator)
+        metrics |= semi_metrics
+        skipped = max(skipped, semi_skipped)
+    if skipped:
+        logger.warning("Skipped %d undecodable images; they count in no accuracy.", skipped)
+        metrics["skipped_images"] = skipped
     if accelerator.is_main_process:
         _write_outputs(eval_args, cluster_args, metrics, features, splits, output_dir)
     accelerator.wait_for_everyone()
@@ -85,20 +117,35 @@ def _applicable_protocols(eval_args: EvalArguments, feature_model: FeatureModel)
     return tuple(p for p in eval_args.protocols if p != "cluster")
 
 
-def _cached_features(
-    eval_args: EvalArguments,
-    linear_args: LinearArguments,
+def _check_batches_split(
     protocols: tuple[str, ...],
+    linear_args: LinearArguments,
+    linear_recipe: LinearProbeRecipe,
+    semi_args: SemiArguments,
+    num_processes: int,
+) -> None:
+    """Fail before any data is read when a global batch does not split evenly over the processes."""
+    if "linear" in protocols and linear_args.linear_mode == "paper":
+        linear_recipe.per_process_batch_size(num_processes)
+    if "semi" in protocols:
+        per_process_batch_size(semi_args.semi_batch_size, num_processes, "--semi_batch_size")
+
+
+def _extract_splits(
+    eval_args: EvalArguments,
+    names: Sequence[str],
     feature_model: FeatureModel,
     processor,
     splits: LabelledSplits,
     accelerator: Accelerator,
-) -> dict[str, FeatureSet]:
-    """Frozen features of the splits that the feature-based protocols (knn, fast linear, cluster) need."""
-    needs_train = "knn" in protocols or ("linear" in protocols and linear_args.linear_mode == "fast")
-    needed = (["train"] if needs_train else []) + (["test"] if needs_train or "cluster" in protocols else [])
-    return {
-        name: extract_features(
+) -> tuple[dict[str, FeatureSet], int]:
+    """Frozen features of the named splits, and how many undecodable images they had.
+
+    Those rows are dropped from the features and from `splits` too, so that both stay row-aligned.
+    """
+    features, skipped = {}, 0
+    for name in names:
+        extracted = extract_features(
             feature_model,
             getattr(splits, name),
             processor,
@@ -109,8 +156,17 @@ def _cached_features(
             accelerator,
             description=f"{name} features",
         )
-        for name in needed
-    }
+        kept = decoded_rows(extracted.labels)
+        skipped += int((~kept).sum())
+        if not kept.all():
+            setattr(splits, name, getattr(splits, name).select(kept.nonzero().flatten().tolist()))
+            extracted = FeatureSet(
+                extracted.features[kept],
+                None if extracted.logits is None else extracted.logits[kept],
+                extracted.labels[kept],
+            )
+        features[name] = extracted
+    return features, skipped
 
 
 def _run_knn(features: dict[str, FeatureSet], splits: LabelledSplits, knn_args: KnnArguments) -> dict[str, float]:
@@ -131,24 +187,24 @@ def _run_knn(features: dict[str, FeatureSet], splits: LabelledSplits, knn_args: 
 def _run_linear(
     eval_args: EvalArguments,
     linear_args: LinearArguments,
+    recipe: LinearProbeRecipe,
     features: dict[str, FeatureSet],
     feature_model: FeatureModel,
     processor,
     splits: LabelledSplits,
     accelerator: Accelerator,
 ) -> dict[str, float]:
-    """The fast feature-cache probe or the paper's image probe, as linear_args.linear_mode says."""
+    """The fast feature-cache probe or the authors' image probe, as linear_args.linear_mode says; both on the
+    backbone's linear-probe features (a ViT's last 4 CLS tokens). Includes `skipped_images` of its passes."""
     if linear_args.linear_mode == "paper":
-        return linear_probe_on_images(
-            feature_model,
-            splits,
-            processor,
-            linear_args.linear_epochs,
-            linear_args.linear_batch_size,
-            linear_args.linear_base_lr,
-            eval_args.num_workers,
-            accelerator,
+        logger.info(
+            "Linear probe: %s; global batch %d, %d epochs.", recipe.rule, recipe.global_batch_size, recipe.epochs
         )
+        return linear_probe_on_images(feature_model, splits, processor, recipe, eval_args.num_workers, accelerator)
+    skipped = 0
+    if recipe.cls_blocks > 1:
+        probe_model = feature_model.with_cls_blocks(recipe.cls_blocks)
+        features, skipped = _extract_splits(eval_args, ("train", "test"), probe_model, processor, splits, accelerator)
     train, test = features["train"], features["test"]
     device = accelerator.device
     return linear_probe_on_features(
@@ -159,10 +215,10 @@ def _run_linear(
         splits.num_classes,
         linear_args.linear_lrs,
         linear_args.linear_epochs,
-        linear_args.linear_batch_size,
+        linear_args.linear_batch_size or FAST_LINEAR_BATCH,
         linear_args.linear_val_fraction,
         eval_args.seed,
-    )
+    ) | {"linear_feature_size": train.features.shape[1], "skipped_images": skipped}
 
 
 def _run_semi(
@@ -171,40 +227,62 @@ def _run_semi(
     processor,
     splits: LabelledSplits,
     accelerator: Accelerator,
-) -> dict[str, float]:
-    """Fine-tune once per label subset (each fraction, or the subset file) and report top-1/top-5."""
+) -> tuple[dict[str, float], int]:
+    """Fine-tune once per label subset (each image list, else each fraction): last and best top-1, top-5, the
+    lrs and batch used; and the most undecodable images one fine-tune met."""
     metrics: dict[str, float] = {}
+    skipped = 0
     for name, indices in _label_subsets(eval_args, semi_args, splits).items():
         default_epochs, default_backbone_lr = semi_recipe(len(indices) / len(splits.train))
+        epochs = semi_args.semi_epochs or default_epochs
+        backbone_lr = semi_args.semi_backbone_lr or default_backbone_lr
+        logger.info(
+            "Semi-supervised %s (%d images): %d epochs, global batch %d, backbone lr %g, head lr %g (unscaled).",
+            name,
+            len(indices),
+            epochs,
+            semi_args.semi_batch_size,
+            backbone_lr,
+            semi_args.semi_head_lr,
+        )
         torch.manual_seed(eval_args.seed)
-        accuracy = semi_supervised_finetune(
+        result = semi_supervised_finetune(
             eval_args.model,
             splits,
             processor,
             indices,
-            semi_args.semi_epochs or default_epochs,
-            semi_args.semi_backbone_lr or default_backbone_lr,
+            epochs,
+            backbone_lr,
             semi_args.semi_head_lr,
             semi_args.semi_batch_size,
             eval_args.num_workers,
             accelerator,
         )
-        metrics |= {f"semi_{name}_top1": accuracy["top1"], f"semi_{name}_top5": accuracy["top5"]}
-    return metrics
+        skipped = max(skipped, result.pop("skipped_images"))
+        metrics |= {f"semi_{name}_{key}": value for key, value in result.items()}
+    return metrics, skipped
 
 
 def _label_subsets(eval_args: EvalArguments, semi_args: SemiArguments, splits: LabelledSplits) -> dict[str, np.ndarray]:
-    """Training-row indices per subset name: `subset` from the file, else `{pct}pct` per fraction."""
-    if semi_args.semi_subset_file is not None:
-        indices = subset_from_file(
-            splits.train, semi_args.semi_subset_file, splits.image_column, semi_args.semi_id_column
+    """Training-row indices per subset named `{pct}pct`: one per image list in semi_subset_files (after the
+    share of train it holds, 2 digits), else one class-balanced seeded subset per fraction."""
+    if not semi_args.semi_subset_files:
+        labels = np.asarray(splits.train[splits.label_column])
+        return {
+            f"{fraction * 100:g}pct": class_balanced_subset(labels, fraction, eval_args.seed)
+            for fraction in semi_args.semi_label_fractions
+        }
+    subsets = [
+        subset_from_file(splits.train, path, splits.image_column, semi_args.semi_id_column)
+        for path in semi_args.semi_subset_files
+    ]
+    named = {f"{100 * len(indices) / len(splits.train):.2g}pct": indices for indices in subsets}
+    if len(named) < len(subsets):
+        raise ValueError(
+            f"Two of --semi_subset_files {semi_args.semi_subset_files} hold the same share of the training "
+            "split; list each subset once."
         )
-        return {"subset": indices}
-    labels = np.asarray(splits.train[splits.label_column])
-    return {
-        f"{fraction * 100:g}pct": class_balanced_subset(labels, fraction, eval_args.seed)
-        for fraction in semi_args.semi_label_fractions
-    }
+    return named
 
 
 def semi_recipe(label_fraction: float) -> tuple[int, float]:
@@ -228,7 +306,7 @@ def _write_outputs(
     if eval_args.figures and "cluster_acc" in metrics:
         cluster_figures(
             features["test"],
-            lambda chosen: splits.test.select(chosen)[splits.image_column],
+            lambda chosen: [decode_image(value) for value in splits.test.select(chosen)[splits.image_column]],
             splits.class_names,
             cluster_args.cluster_figure_images,
             eval_args.seed,
