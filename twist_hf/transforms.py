@@ -28,6 +28,7 @@ SOLARIZE_PROBABILITIES = (0.0, 0.2, 0.0)
 _RANDOM_RESIZED_CROP_ATTEMPTS = 10
 _GRAYSCALE_WEIGHTS = (0.299, 0.587, 0.114)
 _LEVELS = np.arange(256, dtype=np.float64)
+_IDENTITY_TABLE = list(range(256))
 
 
 def self_labeling_crop_scales() -> dict[str, tuple[float, float]]:
@@ -606,10 +607,9 @@ def adjust_hue_lut(image: PILImage.Image, hue_factor: float) -> PILImage.Image:
         raise ValueError(f"hue_factor must be in [-0.5, 0.5], got {hue_factor}.")
     if image.mode in {"L", "1", "I", "F"}:
         return image
-    hue, saturation, value = image.convert("HSV").split()
     shift = int(np.int8(hue_factor * 255))
-    hue = hue.point([(level + shift) % 256 for level in range(256)])
-    return PILImage.merge("HSV", (hue, saturation, value)).convert(image.mode)
+    table = ((_LEVELS + shift) % 256).astype(np.int64).tolist() + _IDENTITY_TABLE * 2  # hue byte only
+    return image.convert("HSV").point(table).convert(image.mode)
 
 
 _COLOUR_OPERATIONS = (adjust_brightness_lut, adjust_contrast_lut, adjust_saturation, adjust_hue_lut)
