@@ -16,21 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from .transforms import (
-    BLUR_PROBABILITIES,
-    CROP_RATIO,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    PRETRAINING_GLOBAL_SCALE,
-    PRETRAINING_LOCAL_SCALE,
-    SOLARIZE_PROBABILITIES,
+    MultiCropLaw,
     _blend,
-    _check_jitter,
-    _check_probability,
-    _check_scale,
-    _check_scale_range,
-    _check_view_probabilities,
     _grayscale,
-    _view_probability,
     gaussian_blur_per_sample,
     sample_crop_boxes_for_sizes,
     solarize,
@@ -58,58 +46,18 @@ class ViewParameters:
         return ViewParameters(**{field.name: getattr(self, field.name)[index] for field in fields(self)})
 
 
-class DeviceMultiCrop:
+class DeviceMultiCrop(MultiCropLaw):
     """Batched multi-crop views [global0, global1, *locals] of decoded uint8 images, on their device.
 
-    Same augmentation law as `twist_hf.transforms.MultiCropTransform` (spec section 5), same constructor
-    arguments plus `seed`. `sample(sizes, generator)` draws the parameters on the CPU; `apply(images, parameters)`
-    computes the views, float (B, 3, S, S) each, on the images' device; `__call__` does both. Same generator
-    state, same views: pass `torch.Generator().manual_seed(f(seed, epoch, step))` per step to resume exactly.
+    Same law and constructor arguments as `twist_hf.transforms.MultiCropTransform` (`MultiCropLaw`), plus `seed`.
+    `sample(sizes, generator)` draws the parameters on the CPU; `apply(images, parameters)` computes the views,
+    float (B, 3, S, S) each, on the images' device; `__call__` does both. Same generator state, same views: pass
+    `torch.Generator().manual_seed(f(seed, epoch, step))` per step to resume exactly.
     """
 
-    def __init__(
-        self,
-        global_size: int = 224,
-        local_size: int = 96,
-        num_local_crops: int = 0,
-        global_scale: Sequence[float] = PRETRAINING_GLOBAL_SCALE,
-        local_scale: Sequence[float] = PRETRAINING_LOCAL_SCALE,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        ratio: Sequence[float] = CROP_RATIO,
-        flip_probability: float = 0.5,
-        jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
-        jitter_probability: float = 0.8,
-        grayscale_probability: float = 0.2,
-        blur_probabilities: Sequence[float] = BLUR_PROBABILITIES,
-        blur_sigma: Sequence[float] = (0.1, 2.0),
-        solarize_probabilities: Sequence[float] = SOLARIZE_PROBABILITIES,
-        seed: int = 0,
-    ) -> None:
-        if num_local_crops < 0:
-            raise ValueError(f"num_local_crops must be >= 0, got {num_local_crops}.")
-        if len(mean) != len(std) or len(mean) not in (1, 3) or min(std) <= 0:
-            raise ValueError(f"mean and std need 1 or 3 values each and std > 0, got mean={mean}, std={std}.")
-        blur = _check_view_probabilities("blur_probabilities", blur_probabilities)
-        solarize_by_view = _check_view_probabilities("solarize_probabilities", solarize_probabilities)
-        self.sizes = [global_size] * 2 + [local_size] * num_local_crops
-        self.scales = [_check_scale("global_scale", global_scale)] * 2
-        self.scales += [_check_scale("local_scale", local_scale)] * num_local_crops
-        self.ratio = (float(ratio[0]), float(ratio[1]))
-        self.flip_probability = _check_probability("flip_probability", flip_probability)
-        self.jitter = _check_jitter(jitter)
-        self.jitter_probability = _check_probability("jitter_probability", jitter_probability)
-        self.grayscale_probability = _check_probability("grayscale_probability", grayscale_probability)
-        self.blur_probabilities = [_view_probability(blur, view) for view in range(len(self.sizes))]
-        self.blur_sigma = _check_scale_range("blur_sigma", blur_sigma)
-        self.solarize_probabilities = [_view_probability(solarize_by_view, view) for view in range(len(self.sizes))]
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    def __init__(self, *args, seed: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.generator = torch.Generator().manual_seed(seed)
-
-    @property
-    def num_views(self) -> int:
-        return len(self.sizes)
 
     def __call__(
         self, images: Sequence[torch.Tensor] | torch.Tensor, generator: torch.Generator | None = None

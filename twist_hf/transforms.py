@@ -70,15 +70,13 @@ def _blur_kernel_size(size: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-class MultiCropTransform:
-    """Turn one image into TWIST's views [global0, global1, *locals] (spec section 5), as fast as one core allows.
+class MultiCropLaw:
+    """The validated parameters of TWIST's multi-crop augmentation (spec section 5), one place for both the
+    per-image `MultiCropTransform` and the batched `twist_hf.gpu_augment.DeviceMultiCrop`.
 
-    Each view: random-resized crop (torchvision's box law; bicubic antialiased, one Pillow `resize(box=...)`),
-    flip, colour jitter (0.4, 0.4, 0.2, 0.1) in random order with p=0.8, grayscale p=0.2, Gaussian blur
-    (Pillow's, as the reference code) sigma in [0.1, 2] with p 1.0 / 0.1 / 0.5 for global0 / global1 / locals,
-    solarization p 0 / 0.2 / 0, normalisation. Takes a PIL image (best opened but not yet decoded: JPEGs then
-    decode at a reduced size when every sampled crop keeps at least its output size), a HWC array or a (C)HW
-    uint8 tensor. num_local_crops=0 gives the two-view transform.
+    Views [global0, global1, *locals]: random-resized crop, flip, colour jitter (0.4, 0.4, 0.2, 0.1) in random
+    order with p=0.8, grayscale p=0.2, Gaussian blur sigma in [0.1, 2] with p 1.0 / 0.1 / 0.5 for global0 /
+    global1 / locals, solarization p 0 / 0.2 / 0, normalisation. num_local_crops=0 gives the two-view law.
     """
 
     def __init__(
@@ -116,9 +114,22 @@ class MultiCropTransform:
         self.blur_probabilities = [_view_probability(blur, view) for view in range(len(self.sizes))]
         self.blur_sigma = _check_scale_range("blur_sigma", blur_sigma)
         self.solarize_probabilities = [_view_probability(solarize, view) for view in range(len(self.sizes))]
-        std255 = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
-        self.pixel_scale = 1.0 / std255
-        self.pixel_shift = -torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255 / std255
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    @property
+    def num_views(self) -> int:
+        return len(self.sizes)
+
+
+class MultiCropTransform(MultiCropLaw):
+    """Turn one image into TWIST's views [global0, global1, *locals] (`MultiCropLaw`), as fast as one core allows.
+
+    Crops with torchvision's box law, bicubic antialiased (one Pillow `resize(box=...)`), then Pillow colour
+    operations on uint8 (brightness and contrast as lookup tables), Pillow's Gaussian blur as the reference code,
+    one float conversion per resolution. Takes a PIL image (best opened but not yet decoded: JPEGs then decode at a
+    reduced size when every sampled crop keeps at least its output size), a HWC array or a (C)HW uint8 tensor.
+    """
 
     def __call__(self, image: PILImage.Image | torch.Tensor | np.ndarray) -> list[torch.Tensor]:
         """Return the 2 + num_local_crops float views (3, size, size) of `image`."""
@@ -177,7 +188,7 @@ class MultiCropTransform:
         pixels = np.empty((len(crops), size, size, 3), dtype=np.uint8)
         for index, crop in enumerate(crops):
             pixels[index] = np.asarray(crop)[..., None] if crop.mode == "L" else np.asarray(crop)
-        return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().mul_(self.pixel_scale).add_(self.pixel_shift)
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().sub_(self.mean * 255).div_(self.std * 255)
 
 
 def _check_jitter(jitter: Sequence[float]) -> tuple[float, float, float, float]:
