@@ -45,14 +45,14 @@ def normalised_range(mean, std) -> tuple[float, float]:
 # ---------------------------------------------------------------- MultiCropTransform
 
 
-def jpeg_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A smooth colour JPEG, opened but not decoded."""
+def jpeg_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """A smooth JPEG (colour unless `mode` says otherwise), opened but not decoded."""
     rows = torch.linspace(0, 1, height).view(-1, 1, 1)
     cols = torch.linspace(0, 1, width).view(1, -1, 1)
     phase = torch.tensor([0.0, 2.0, 4.0]) + seed
     pixels = (127.5 + 127.5 * torch.sin(6 * rows + 4 * cols + phase)).to(torch.uint8).numpy()
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    Image.fromarray(pixels).convert(mode).save(buffer, format="JPEG", quality=90)
     return Image.open(io.BytesIO(buffer.getvalue()))
 
 
@@ -207,13 +207,15 @@ def test_per_image_brightness_jitter_factors_are_uniform_in_range():
     assert jittered.std().item() == pytest.approx(0.8 / math.sqrt(12), abs=0.02)
 
 
-def test_undecoded_jpeg_decodes_reduced_when_every_crop_keeps_its_size():
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_undecoded_jpeg_decodes_reduced_when_every_crop_keeps_its_size(mode):
     transform = MultiCropTransform(global_size=64, local_size=32, num_local_crops=2, global_scale=(0.9, 1.0))
-    image = jpeg_image(1600, 1200)
+    image = jpeg_image(1600, 1200, mode=mode)
     views = transform(image)
     # Smallest crops: global sqrt(0.9 * 1600 * 1200 * 3/4) ~ 1115 px -> 17x, local sqrt(0.05 * ... * 3/4) ~ 263 px
     # for 32 px -> 8.2x: JPEG's 1/8 scale is exact.
-    assert image.size == (200, 150) and len(views) == 4
+    assert image.size == (200, 150)
+    assert [tuple(view.shape) for view in views] == [(3, 64, 64)] * 2 + [(3, 32, 32)] * 2
 
 
 def test_jpeg_keeps_full_resolution_when_a_crop_needs_it():

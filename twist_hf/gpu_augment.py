@@ -90,7 +90,9 @@ class DeviceMultiCrop(MultiCropLaw):
     def apply(
         self, images: Sequence[torch.Tensor] | torch.Tensor, parameters: Sequence[ViewParameters]
     ) -> list[torch.Tensor]:
-        """The views of `images` with the given parameters, float (B, 3, S, S) each, on the images' device."""
+        """The views of `images` with the given parameters, float (B, 3, S, S) each, on the images' device.
+
+        `images` is a list of uint8 (C, H, W) or a padded uint8 batch (B, C, H, W) whose true sizes went to `sample`."""
         _check_images(images)
         return [
             self._view(images, view_parameters, self.sizes[view]) for view, view_parameters in enumerate(parameters)
