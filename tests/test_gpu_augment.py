@@ -27,7 +27,14 @@ from twist_hf.gpu_augment import (
     crop_resize,
     random_gaussian_blur,
 )
-from twist_hf.transforms import MultiCropTransform, solarize
+from twist_hf.transforms import (
+    MultiCropTransform,
+    adjust_brightness_lut,
+    adjust_contrast_lut,
+    adjust_hue_lut,
+    solarize,
+)
+from twist_hf.transforms import adjust_saturation as pillow_saturation
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +79,23 @@ def test_colour_operations_equal_torchvision_at_a_fixed_factor(factor):
     hue = factor - 1.0  # -0.4, 0, 0.3
     expected = torch.stack([TF.adjust_hue(p, hue) for p in pixels])
     torch.testing.assert_close(adjust_hue(pixels, torch.full((3,), hue)), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("factor", [0.7, 1.3])
+def test_colour_operations_match_the_per_image_pillow_ones(china, factor):
+    """Same factor, same result within uint8 rounding (hue: within Pillow's one-byte hue quantisation)."""
+    crop = china.resize((64, 48))
+    pixels = as_tensor(crop).float().unsqueeze(0) / 255
+    hue = factor - 1.0
+    pairs = (
+        (adjust_brightness(pixels, torch.tensor([factor])), adjust_brightness_lut(crop, factor), 1),
+        (adjust_contrast(pixels, torch.tensor([factor])), adjust_contrast_lut(crop, factor), 2),
+        (adjust_saturation(pixels, torch.tensor([factor])), pillow_saturation(crop, factor), 2),
+        (adjust_hue(pixels, torch.tensor([hue])), adjust_hue_lut(crop, hue), 6),
+    )
+    for ours, per_image, max_levels in pairs:
+        difference = (ours[0] * 255 - as_tensor(per_image).float()).abs()
+        assert difference.mean() < 1.0 and difference.max() <= max_levels
 
 
 def test_jitter_applies_each_samples_order():
