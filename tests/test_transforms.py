@@ -1,14 +1,16 @@
-"""Tests for twist_hf.transforms: the per-image multi-crop transform, the batched grid_sample multi-crop
-(checked against hand-computed crops, resizes and flips), and the evaluation transforms."""
+"""Tests for twist_hf.transforms: the per-image multi-crop transform (law, reduced decode), the batched
+grid_sample multi-crop (checked against hand-computed crops, resizes and flips), and the evaluation transforms."""
 
+import io
 import math
+import random
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms import v2
+from torchvision.transforms import RandomResizedCrop
 
 from twist_hf.transforms import (
     CROP_RATIO,
@@ -43,15 +45,29 @@ def normalised_range(mean, std) -> tuple[float, float]:
 # ---------------------------------------------------------------- MultiCropTransform
 
 
+def jpeg_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """A smooth JPEG (colour unless `mode` says otherwise), opened but not decoded."""
+    rows = torch.linspace(0, 1, height).view(-1, 1, 1)
+    cols = torch.linspace(0, 1, width).view(1, -1, 1)
+    phase = torch.tensor([0.0, 2.0, 4.0]) + seed
+    pixels = (127.5 + 127.5 * torch.sin(6 * rows + 4 * cols + phase)).to(torch.uint8).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, format="JPEG", quality=90)
+    return Image.open(io.BytesIO(buffer.getvalue()))
+
+
 @pytest.mark.parametrize(
     "image",
     [
         Image.fromarray(random_uint8(40, 50, 3).numpy()),
         Image.fromarray(random_uint8(40, 50).numpy()),
+        Image.fromarray(random_uint8(40, 50, 4).numpy(), mode="RGBA"),
+        Image.fromarray(random_uint8(40, 50, 4).numpy(), mode="CMYK"),
+        random_uint8(40, 50, 3).numpy(),
         random_uint8(3, 40, 50),
         random_uint8(40, 50),
     ],
-    ids=["pil-rgb", "pil-gray", "tensor-chw", "tensor-hw"],
+    ids=["pil-rgb", "pil-gray", "pil-rgba", "pil-cmyk", "array-hwc", "tensor-chw", "tensor-hw"],
 )
 def test_multi_crop_gives_globals_then_locals_normalised(image):
     transform = MultiCropTransform(global_size=32, local_size=16, num_local_crops=3)
@@ -66,27 +82,13 @@ def test_multi_crop_gives_globals_then_locals_normalised(image):
 def test_two_view_transform_and_per_view_blur_and_solarize_probabilities():
     assert len(MultiCropTransform(global_size=16, num_local_crops=0)(random_uint8(3, 20, 20))) == 2
     transform = MultiCropTransform(global_size=16, local_size=8, num_local_crops=2)
-
-    def probabilities(view_transform, kind):
-        return [
-            step.p
-            for step in view_transform.transforms
-            if isinstance(step, kind) or (isinstance(step, v2.RandomApply) and isinstance(step.transforms[0], kind))
-        ]
-
-    assert [probabilities(view, v2.GaussianBlur) for view in transform.view_transforms] == [
-        [1.0],
-        [0.1],
-        [0.5],
-        [0.5],
-    ]
-    assert [probabilities(view, v2.RandomSolarize) for view in transform.view_transforms] == [
-        [0.0],
-        [0.2],
-        [0.0],
-        [0.0],
-    ]
-    assert [probabilities(view, v2.ColorJitter) for view in transform.view_transforms] == [[0.8]] * 4
+    assert transform.blur_probabilities == [1.0, 0.1, 0.5, 0.5]
+    assert transform.solarize_probabilities == [0.0, 0.2, 0.0, 0.0]
+    assert (transform.jitter, transform.jitter_probability, transform.grayscale_probability) == (
+        (0.4, 0.4, 0.2, 0.1),
+        0.8,
+        0.2,
+    )
 
 
 def test_multi_crop_with_everything_off_is_a_resize():
@@ -108,7 +110,7 @@ def test_self_labeling_scales_follow_the_spec_and_plug_into_both_transforms():
     scales = self_labeling_crop_scales()
     assert scales == {"global_scale": (0.14, 1.0), "local_scale": (0.05, 0.14)}
     multi_crop = MultiCropTransform(global_size=16, local_size=8, num_local_crops=1, **scales)
-    assert multi_crop.view_transforms[2].transforms[0].scale == (0.05, 0.14)
+    assert multi_crop.scales == [(0.14, 1.0), (0.14, 1.0), (0.05, 0.14)]
     batched = BatchedMultiCrop(mean=(0.5,), std=(0.5,), global_size=16, local_size=8, num_local_crops=1, **scales)
     assert batched.scales == [(0.14, 1.0), (0.14, 1.0), (0.05, 0.14)]
 
@@ -123,6 +125,119 @@ def test_multi_crop_rejects_bad_input():
         MultiCropTransform(global_scale=(0.5, 0.2))
     with pytest.raises(ValueError, match="blur_probabilities needs 3"):
         MultiCropTransform(blur_probabilities=(1.0, 0.1))
+    with pytest.raises(ValueError, match="hue <= 0.5"):
+        MultiCropTransform(jitter=(0.4, 0.4, 0.2, 0.6))
+
+
+def area_histogram(boxes: torch.Tensor, image_area: int, scale: tuple[float, float]) -> torch.Tensor:
+    """Fraction of (top, left, height, width) boxes per tenth of the `scale` range of area fractions."""
+    return torch.histc(boxes[:, 2] * boxes[:, 3] / image_area, bins=10, min=scale[0], max=scale[1]) / len(boxes)
+
+
+def test_crop_boxes_of_the_per_image_path_follow_torchvisions_law():
+    """Area-fraction histograms and aspect ratios match torchvision's RandomResizedCrop on a 4:3 image (where
+    large crops often do not fit, so areas are not uniform)."""
+    random.seed(0)
+    torch.manual_seed(0)
+    transform = MultiCropTransform(num_local_crops=1)
+    canvas = Image.new("RGB", (400, 300))
+    for view, scale in ((0, (0.4, 1.0)), (2, (0.05, 0.4))):
+        ours = torch.tensor([transform.sample_box((400, 300), view) for _ in range(5000)])
+        theirs = torch.tensor(
+            [RandomResizedCrop.get_params(canvas, list(scale), list(CROP_RATIO)) for _ in range(5000)]
+        )
+        top, left, height, width = ours.unbind(dim=1)
+        assert ((top >= 0) & (left >= 0) & (top + height <= 300) & (left + width <= 400)).all()
+        torch.testing.assert_close(
+            area_histogram(ours, 400 * 300, scale), area_histogram(theirs.float(), 400 * 300, scale), atol=0.02, rtol=0
+        )
+        log_aspect = torch.log(width / height)
+        assert log_aspect.mean().item() == pytest.approx(torch.log(theirs[:, 3] / theirs[:, 2]).mean().item(), abs=0.02)
+
+
+def view_statistics(transform: MultiCropTransform, image: Image.Image, draws: int) -> dict[str, torch.Tensor]:
+    """Per view over `draws` calls: grayscale (channels equal), spread (std of pixels), mean brightness."""
+    views = torch.stack([torch.stack(transform(image)) for _ in range(draws)])  # (draws, V, 3, S, S)
+    grayscale = (views[:, :, 0] == views[:, :, 1]).flatten(2).all(dim=2) & (views[:, :, 1] == views[:, :, 2]).flatten(
+        2
+    ).all(dim=2)
+    return {"grayscale": grayscale.float(), "spread": views.flatten(2).std(dim=2), "mean": views.flatten(2).mean(dim=2)}
+
+
+def test_per_image_probabilities_follow_the_spec():
+    """Seeded: grayscale p 0.2, blur p 1.0 / 0.1 / 0.5 (noise blurred with sigma >= 1.5 loses most of its spread),
+    solarization p 0.2 on view 1 only (flips the mean of a dark image), flip p 0.5."""
+    random.seed(0)
+    noise = Image.fromarray(random_uint8(48, 48, 3).numpy())
+    only = {**NO_PHOTOMETRIC, "mean": (0.0,), "std": (1.0,), "global_scale": (1, 1), "ratio": (1, 1)}
+    grayscale = MultiCropTransform(global_size=48, num_local_crops=0, **{**only, "grayscale_probability": 0.2})
+    assert view_statistics(grayscale, noise, 400)["grayscale"].mean().item() == pytest.approx(0.2, abs=0.04)
+    blur = MultiCropTransform(
+        global_size=48,
+        local_size=48,
+        num_local_crops=2,
+        local_scale=(1, 1),
+        blur_sigma=(1.5, 2.0),  # every blur visible
+        **{**only, "blur_probabilities": (1, 0.1, 0.5)},
+    )
+    sharp_spread = torch.from_numpy(np.array(noise)).float().div(255).std().item()
+    blurred = (view_statistics(blur, noise, 300)["spread"] < 0.6 * sharp_spread).float().mean(dim=0)
+    torch.testing.assert_close(blurred, torch.tensor([1.0, 0.1, 0.5, 0.5]), atol=0.06, rtol=0)
+    dark = Image.fromarray((random_uint8(48, 48, 3) // 4).numpy() + 128)  # all >= 128: solarized mean < 0.5
+    solarize = MultiCropTransform(global_size=48, **{**only, "solarize_probabilities": (0, 0.2, 0)})
+    solarized = (view_statistics(solarize, dark, 400)["mean"] < 0.5).float().mean(dim=0)
+    torch.testing.assert_close(solarized, torch.tensor([0.0, 0.2]), atol=0.05, rtol=0)
+    ramp = Image.fromarray(np.tile(np.arange(48, dtype=np.uint8) * 5, (48, 1)))
+    flip = MultiCropTransform(global_size=48, **{**only, "flip_probability": 0.5})
+    flipped = torch.stack([torch.stack(flip(ramp))[:, 0, 0, 0] > 0.5 for _ in range(400)]).float()
+    assert flipped.mean().item() == pytest.approx(0.5, abs=0.05)
+
+
+def test_per_image_brightness_jitter_factors_are_uniform_in_range():
+    random.seed(0)
+    grey = Image.new("RGB", (32, 32), (100, 100, 100))
+    transform = MultiCropTransform(
+        global_size=16, mean=(0.0,), std=(1.0,), **{**NO_PHOTOMETRIC, "jitter_probability": 0.8}, jitter=(0.4, 0, 0, 0)
+    )
+    factors = torch.stack([torch.stack(transform(grey))[:, 0, 0, 0] * 255 / 100 for _ in range(600)]).flatten()
+    jittered = factors[(factors - 1).abs() > 1e-3]
+    assert len(jittered) / len(factors) == pytest.approx(0.8, abs=0.04)
+    assert jittered.min() >= 0.6 - 0.01 and jittered.max() <= 1.4 + 0.01
+    assert jittered.mean().item() == pytest.approx(1.0, abs=0.02)
+    assert jittered.std().item() == pytest.approx(0.8 / math.sqrt(12), abs=0.02)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_undecoded_jpeg_decodes_reduced_when_every_crop_keeps_its_size(mode):
+    transform = MultiCropTransform(global_size=64, local_size=32, num_local_crops=2, global_scale=(0.9, 1.0))
+    image = jpeg_image(1600, 1200, mode=mode)
+    views = transform(image)
+    # Smallest crops: global sqrt(0.9 * 1600 * 1200 * 3/4) ~ 1115 px -> 17x, local sqrt(0.05 * ... * 3/4) ~ 263 px
+    # for 32 px -> 8.2x: JPEG's 1/8 scale is exact.
+    assert image.size == (200, 150)
+    assert [tuple(view.shape) for view in views] == [(3, 64, 64)] * 2 + [(3, 32, 32)] * 2
+
+
+def test_jpeg_keeps_full_resolution_when_a_crop_needs_it():
+    transform = MultiCropTransform(global_size=224, local_size=96, num_local_crops=6)
+    image = jpeg_image(500, 375)  # a global crop is at most 375 px high: < 2 x 224
+    transform(image)
+    assert image.size == (500, 375)
+
+
+def test_reduction_follows_the_sampled_boxes():
+    transform = MultiCropTransform(global_size=64, local_size=32, num_local_crops=1)
+    big_boxes = [(0.0, 0.0, 600.0, 700.0), (10.0, 10.0, 520.0, 500.0), (5.0, 5.0, 140.0, 130.0)]
+    assert transform.draft_reduction(big_boxes) == pytest.approx(130 / 32)
+    image, boxes = transform.decode(jpeg_image(800, 600), big_boxes)
+    assert image.size == (200, 150) and image.mode == "RGB"  # 4.06x allows 1/4
+    assert boxes[2] == pytest.approx((1.25, 1.25, 35.0, 32.5))
+    small_boxes = big_boxes[:2] + [(5.0, 5.0, 60.0, 60.0)]  # a 60 px crop for a 32 px view: 1.9x
+    image, boxes = transform.decode(jpeg_image(800, 600), small_boxes)
+    assert image.size == (800, 600) and boxes == small_boxes
+    loaded = jpeg_image(800, 600)
+    loaded.load()  # already decoded: nothing to reduce
+    assert transform.decode(loaded, big_boxes)[0].size == (800, 600)
 
 
 # ---------------------------------------------------------------- eval transforms

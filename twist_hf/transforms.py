@@ -1,9 +1,8 @@
-"""TWIST augmentations: the paper's multi-crop / two-view transform (torchvision v2, per image), a fast
+"""TWIST augmentations: the paper's multi-crop / two-view transform (Pillow, per image), a fast
 batched version for small in-memory images (one affine grid_sample per view), and evaluation transforms."""
 
 from __future__ import annotations
 
-import io
 import math
 import random
 from collections.abc import Sequence
@@ -14,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image as PILImage
 from PIL import ImageFilter, ImageOps
-from torchvision.transforms import ColorJitter, InterpolationMode, RandomResizedCrop, v2
-from torchvision.transforms import functional as TF
+from torchvision.transforms import InterpolationMode, v2
 
 from .configuration_twist import IMAGENET_MEAN, IMAGENET_STD
 
@@ -29,6 +27,8 @@ BLUR_PROBABILITIES = (1.0, 0.1, 0.5)
 SOLARIZE_PROBABILITIES = (0.0, 0.2, 0.0)
 _RANDOM_RESIZED_CROP_ATTEMPTS = 10
 _GRAYSCALE_WEIGHTS = (0.299, 0.587, 0.114)
+_LEVELS = np.arange(256, dtype=np.float64)
+_IDENTITY_TABLE = list(range(256))
 
 
 def self_labeling_crop_scales() -> dict[str, tuple[float, float]]:
@@ -66,17 +66,17 @@ def _blur_kernel_size(size: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Per-image transform (torchvision v2)
+# Per-image transform (Pillow geometry and colour on uint8, one float conversion per resolution)
 # --------------------------------------------------------------------------------------------
 
 
-class MultiCropTransform:
-    """Turn one image into TWIST's views [global0, global1, *locals] (spec section 5).
+class MultiCropLaw:
+    """The validated parameters of TWIST's multi-crop augmentation (spec section 5), one place for both the
+    per-image `MultiCropTransform` and the batched `twist_hf.gpu_augment.DeviceMultiCrop`.
 
-    Each view: random-resized crop (bicubic), flip, colour jitter (0.4, 0.4, 0.2, 0.1) with p=0.8,
-    grayscale p=0.2, Gaussian blur sigma in [0.1, 2] (p 1.0 / 0.1 / 0.5 for global0 / global1 /
-    locals), solarization (p 0 / 0.2 / 0), float conversion and normalisation. num_local_crops=0 gives
-    the two-view transform. Works on uint8 tensors; PIL images and numpy arrays are converted first.
+    Views [global0, global1, *locals]: random-resized crop, flip, colour jitter (0.4, 0.4, 0.2, 0.1) in random
+    order with p=0.8, grayscale p=0.2, Gaussian blur sigma in [0.1, 2] with p 1.0 / 0.1 / 0.5 for global0 /
+    global1 / locals, solarization p 0 / 0.2 / 0, normalisation. num_local_crops=0 gives the two-view law.
     """
 
     def __init__(
@@ -99,64 +99,175 @@ class MultiCropTransform:
     ) -> None:
         if num_local_crops < 0:
             raise ValueError(f"num_local_crops must be >= 0, got {num_local_crops}.")
-        self.num_local_crops = num_local_crops
+        if len(mean) != len(std) or len(mean) not in (1, 3) or min(std) <= 0:
+            raise ValueError(f"mean and std need 1 or 3 values each and std > 0, got mean={mean}, std={std}.")
         blur = _check_view_probabilities("blur_probabilities", blur_probabilities)
         solarize = _check_view_probabilities("solarize_probabilities", solarize_probabilities)
-        scales = {
-            "global": _check_scale("global_scale", global_scale),
-            "local": _check_scale("local_scale", local_scale),
-        }
-        sizes = {"global": global_size, "local": local_size}
-        self.view_transforms = []
-        for view in range(2 + num_local_crops):
-            kind = "global" if view < 2 else "local"
-            settings = {
-                "ratio": (float(ratio[0]), float(ratio[1])),
-                "flip_probability": _check_probability("flip_probability", flip_probability),
-                "jitter": jitter,
-                "jitter_probability": _check_probability("jitter_probability", jitter_probability),
-                "grayscale_probability": _check_probability("grayscale_probability", grayscale_probability),
-                "blur_probability": _view_probability(blur, view),
-                "blur_sigma": blur_sigma,
-                "solarize_probability": _view_probability(solarize, view),
-            }
-            self.view_transforms.append(_view_pipeline(sizes[kind], scales[kind], mean, std, **settings))
+        self.sizes = [global_size] * 2 + [local_size] * num_local_crops
+        self.scales = [_check_scale("global_scale", global_scale)] * 2
+        self.scales += [_check_scale("local_scale", local_scale)] * num_local_crops
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.flip_probability = _check_probability("flip_probability", flip_probability)
+        self.jitter = _check_jitter(jitter)
+        self.jitter_probability = _check_probability("jitter_probability", jitter_probability)
+        self.grayscale_probability = _check_probability("grayscale_probability", grayscale_probability)
+        self.blur_probabilities = [_view_probability(blur, view) for view in range(len(self.sizes))]
+        self.blur_sigma = _check_scale_range("blur_sigma", blur_sigma)
+        self.solarize_probabilities = [_view_probability(solarize, view) for view in range(len(self.sizes))]
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
-    def __call__(self, image: PILImage.Image | torch.Tensor | Any) -> list[torch.Tensor]:
-        """Return the 2 + num_local_crops float views (3, size, size) of `image` (PIL, array or uint8 CHW)."""
-        image = _to_uint8_rgb(image)
-        return [view_transform(image) for view_transform in self.view_transforms]
+    @property
+    def num_views(self) -> int:
+        return len(self.sizes)
 
 
-def _view_pipeline(
-    size: int,
-    scale: tuple[float, float],
-    mean: Sequence[float],
-    std: Sequence[float],
-    *,
-    ratio: tuple[float, float],
-    flip_probability: float,
-    jitter: Sequence[float],
-    jitter_probability: float,
-    grayscale_probability: float,
-    blur_probability: float,
-    blur_sigma: Sequence[float],
-    solarize_probability: float,
-) -> v2.Compose:
-    """One view's augmentation chain on a uint8 RGB tensor, ending in a normalised float tensor."""
-    brightness, contrast, saturation, hue = jitter
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(size, scale=scale, ratio=ratio, interpolation=InterpolationMode.BICUBIC),
-            v2.RandomHorizontalFlip(p=flip_probability),
-            v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=jitter_probability),
-            v2.RandomGrayscale(p=grayscale_probability),
-            v2.RandomApply([v2.GaussianBlur(_blur_kernel_size(size), sigma=tuple(blur_sigma))], p=blur_probability),
-            v2.RandomSolarize(threshold=128, p=solarize_probability),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(mean), std=list(std)),
-        ]
+class MultiCropTransform(MultiCropLaw):
+    """Turn one image into TWIST's views [global0, global1, *locals] (`MultiCropLaw`), as fast as one core allows.
+
+    Crops with torchvision's box law, bicubic antialiased (one Pillow `resize(box=...)`), then Pillow colour
+    operations on uint8 (brightness and contrast as lookup tables), Pillow's Gaussian blur as the reference code,
+    one float conversion per resolution. Takes a PIL image (best opened but not yet decoded: JPEGs then decode at a
+    reduced size when every sampled crop keeps at least its output size), a HWC array or a (C)HW uint8 tensor.
+    """
+
+    def __call__(self, image: PILImage.Image | torch.Tensor | np.ndarray) -> list[torch.Tensor]:
+        """Return the 2 + num_local_crops float views (3, size, size) of `image`."""
+        image = _as_pil(image)
+        boxes = [self.sample_box(image.size, view) for view in range(len(self.sizes))]
+        image, boxes = self.decode(image, boxes)
+        crops = [self._view(image, box, view) for view, box in enumerate(boxes)]
+        views: list[torch.Tensor] = []
+        for start, end in _same_size_runs(self.sizes):
+            views.extend(self._normalise(crops[start:end]).unbind(0))
+        return views
+
+    def sample_box(self, image_size: tuple[int, int], view: int) -> tuple[float, float, float, float]:
+        """One RandomResizedCrop box (top, left, height, width) for view `view` of a (width, height) image."""
+        width, height = image_size
+        return random_resized_crop_box(height, width, self.scales[view], self.ratio)
+
+    def draft_reduction(self, boxes: list[tuple[float, float, float, float]]) -> float:
+        """How much the image may shrink before some crop's shorter side would fall below its output size."""
+        return min(min(height, width) / size for (_, _, height, width), size in zip(boxes, self.sizes))
+
+    def decode(
+        self, image: PILImage.Image, boxes: list[tuple[float, float, float, float]]
+    ) -> tuple[PILImage.Image, list[tuple[float, float, float, float]]]:
+        """Decode `image` as RGB, a not yet decoded JPEG at the largest reduction (1/2, 1/4, 1/8) that leaves every
+        crop at least its output size (so no crop gets upsampled that would not have been); boxes follow."""
+        reduction = self.draft_reduction(boxes)
+        if reduction >= 2 and image.format == "JPEG" and getattr(image, "tile", None):
+            full_width, full_height = image.size
+            factor = 2 ** min(3, int(math.log2(reduction)))
+            image.draft("RGB", (math.ceil(full_width / factor), math.ceil(full_height / factor)))
+            x_scale, y_scale = image.size[0] / full_width, image.size[1] / full_height
+            boxes = [(top * y_scale, left * x_scale, h * y_scale, w * x_scale) for top, left, h, w in boxes]
+        return (image if image.mode == "RGB" else image.convert("RGB")), boxes
+
+    def _view(self, image: PILImage.Image, box: tuple[float, float, float, float], view: int) -> PILImage.Image:
+        """One view's crop, uint8; a grayscale draw stays single-channel ("L") until `_normalise`."""
+        size = self.sizes[view]
+        top, left, height, width = box
+        crop = image.resize((size, size), PILImage.BICUBIC, box=(left, top, left + width, top + height))
+        if random.random() < self.flip_probability:
+            crop = crop.transpose(PILImage.FLIP_LEFT_RIGHT)
+        if random.random() < self.jitter_probability:
+            crop = colour_jitter(crop, *self.jitter)
+        if random.random() < self.grayscale_probability:
+            crop = crop.convert("L")
+        if random.random() < self.blur_probabilities[view]:
+            crop = crop.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.blur_sigma)))
+        if random.random() < self.solarize_probabilities[view]:
+            crop = ImageOps.solarize(crop, threshold=128)
+        return crop
+
+    def _normalise(self, crops: list[PILImage.Image]) -> torch.Tensor:
+        """Same-size uint8 crops (RGB or L) -> normalised float (N, 3, S, S), one conversion for all of them."""
+        size = crops[0].size[0]
+        pixels = np.empty((len(crops), size, size, 3), dtype=np.uint8)
+        for index, crop in enumerate(crops):
+            pixels[index] = np.asarray(crop)[..., None] if crop.mode == "L" else np.asarray(crop)
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().sub_(self.mean * 255).div_(self.std * 255)
+
+
+def _check_jitter(jitter: Sequence[float]) -> tuple[float, float, float, float]:
+    if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
+        raise ValueError(f"jitter is (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, got {jitter}.")
+    brightness, contrast, saturation, hue = (float(strength) for strength in jitter)
+    return brightness, contrast, saturation, hue
+
+
+def _as_pil(image: PILImage.Image | torch.Tensor | np.ndarray) -> PILImage.Image:
+    """PIL images pass through untouched (still undecoded); uint8 HWC/HW arrays and (C)HW tensors are wrapped."""
+    if isinstance(image, PILImage.Image):
+        return image
+    if isinstance(image, torch.Tensor):
+        if image.ndim == 3 and image.shape[0] not in (1, 3):
+            raise ValueError(f"Expected 1 or 3 channels, got {image.shape[0]} (shape {tuple(image.shape)}).")
+        image = (image.permute(1, 2, 0) if image.ndim == 3 else image).numpy()
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"Expected a uint8 image, got {image.dtype}; convert with (x * 255).round().astype(uint8).")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    return PILImage.fromarray(np.ascontiguousarray(image))
+
+
+def random_resized_crop_box(
+    height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[float, float, float, float]:
+    """torchvision's RandomResizedCrop box law (area fraction uniform in `scale`, log aspect uniform in `ratio`,
+    10 tries, then the clamped centre crop) drawn with Python's `random`: (top, left, height, width)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(_RANDOM_RESIZED_CROP_ATTEMPTS):
+        target_area = area * random.uniform(*scale)
+        aspect = math.exp(random.uniform(*log_ratio))
+        crop_w = round(math.sqrt(target_area * aspect))
+        crop_h = round(math.sqrt(target_area / aspect))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            top, left = random.randint(0, height - crop_h), random.randint(0, width - crop_w)
+            return float(top), float(left), float(crop_h), float(crop_w)
+    return _centre_crop_box(height, width, ratio)
+
+
+def colour_jitter(
+    crop: PILImage.Image, brightness: float, contrast: float, saturation: float, hue: float
+) -> PILImage.Image:
+    """torchvision's ColorJitter on a uint8 RGB PIL image: factors uniform in [max(0, 1 - s), 1 + s] (hue in
+    [-h, h]), applied in a random order; brightness and contrast as lookup tables, hue as a lookup on HSV."""
+    factors = (
+        random.uniform(max(0.0, 1 - brightness), 1 + brightness),
+        random.uniform(max(0.0, 1 - contrast), 1 + contrast),
+        random.uniform(max(0.0, 1 - saturation), 1 + saturation),
+        random.uniform(-hue, hue),
     )
+    for operation in random.sample(range(4), 4):
+        crop = _COLOUR_OPERATIONS[operation](crop, factors[operation])
+    return crop
+
+
+def adjust_brightness_lut(image: PILImage.Image, factor: float) -> PILImage.Image:
+    """Pillow's brightness (blend with black: v * factor, clipped) as one lookup table."""
+    return image.point(_linear_lut(factor, 0.0) * len(image.getbands()))
+
+
+def adjust_contrast_lut(image: PILImage.Image, factor: float) -> PILImage.Image:
+    """torchvision's PIL contrast (blend with the rounded mean luma) as one lookup table."""
+    histogram = np.asarray(image.convert("L").histogram(), dtype=np.float64)
+    mean = int(histogram @ _LEVELS / histogram.sum() + 0.5)
+    return image.point(_linear_lut(factor, (1 - factor) * mean) * len(image.getbands()))
+
+
+def adjust_saturation(image: PILImage.Image, factor: float) -> PILImage.Image:
+    """Pillow's colour enhancement (blend with the luma image), as torchvision's PIL `adjust_saturation`."""
+    return PILImage.blend(image.convert("L").convert(image.mode), image, factor)
+
+
+def _linear_lut(factor: float, offset: float) -> list[int]:
+    """Table of v -> clip(round(factor * v + offset), 0, 255) for one band."""
+    return np.clip(np.floor(_LEVELS * factor + (offset + 0.5)), 0, 255).astype(np.int64).tolist()
 
 
 def _to_uint8_rgb(image: PILImage.Image | torch.Tensor | Any) -> torch.Tensor:
@@ -237,47 +348,57 @@ def sample_crop_boxes(
     ratio: tuple[float, float],
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Draw one RandomResizedCrop box (top, left, height, width) per sample, as float (B, 4) on the CPU.
+    """Draw one RandomResizedCrop box (top, left, height, width) per sample of a batch of equal-size images."""
+    sizes = torch.tensor([[height, width]], dtype=torch.float32).expand(batch_size, 2)
+    return sample_crop_boxes_for_sizes(sizes, scale, ratio, generator)
+
+
+def sample_crop_boxes_for_sizes(
+    sizes: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator
+) -> torch.Tensor:
+    """Draw one RandomResizedCrop box (top, left, height, width) per image of `sizes` (B, 2: height, width), as
+    float (B, 4) on the CPU.
 
     Same law as torchvision: area fraction uniform in `scale`, log aspect ratio uniform in `ratio`, up to
     10 tries per sample, then a centre crop with the aspect ratio clamped into `ratio`.
     """
+    batch_size = sizes.shape[0]
+    height, width = sizes.float().unbind(dim=1)
     shape = (batch_size, _RANDOM_RESIZED_CROP_ATTEMPTS)
-    area = height * width
+    area = (height * width).unsqueeze(1)
     target_area = area * torch.empty(shape).uniform_(scale[0], scale[1], generator=generator)
     log_ratio = torch.empty(shape).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
     aspect = torch.exp(log_ratio)
     crop_w = torch.round(torch.sqrt(target_area * aspect))
     crop_h = torch.round(torch.sqrt(target_area / aspect))
-    valid = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
+    valid = (crop_w > 0) & (crop_w <= width.unsqueeze(1)) & (crop_h > 0) & (crop_h <= height.unsqueeze(1))
     first_valid = valid.int().argmax(dim=1, keepdim=True)
     crop_w = crop_w.gather(1, first_valid).squeeze(1)
     crop_h = crop_h.gather(1, first_valid).squeeze(1)
     found = valid.any(dim=1)
     top = torch.floor(torch.rand(batch_size, generator=generator) * (height - crop_h + 1))
     left = torch.floor(torch.rand(batch_size, generator=generator) * (width - crop_w + 1))
-    centre_top, centre_left, centre_h, centre_w = _centre_crop_box(height, width, ratio)
-    return torch.stack(
-        [
-            torch.where(found, top, torch.tensor(centre_top, dtype=top.dtype)),
-            torch.where(found, left, torch.tensor(centre_left, dtype=top.dtype)),
-            torch.where(found, crop_h, torch.tensor(centre_h, dtype=top.dtype)),
-            torch.where(found, crop_w, torch.tensor(centre_w, dtype=top.dtype)),
-        ],
-        dim=1,
+    boxes = torch.stack([top, left, crop_h, crop_w], dim=1)
+    return torch.where(found.unsqueeze(1), boxes, _centre_crop_boxes(height, width, ratio))
+
+
+def _centre_crop_boxes(height: torch.Tensor, width: torch.Tensor, ratio: tuple[float, float]) -> torch.Tensor:
+    """RandomResizedCrop's fallback per image: the largest centred box whose aspect ratio lies within `ratio`."""
+    in_ratio = width / height
+    crop_w = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]), width)
+    crop_h = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]), height)
+    top, left = (
+        torch.div(height - crop_h, 2, rounding_mode="floor"),
+        torch.div(width - crop_w, 2, rounding_mode="floor"),
     )
+    return torch.stack([top, left, crop_h, crop_w], dim=1)
 
 
 def _centre_crop_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[float, float, float, float]:
-    """RandomResizedCrop's fallback: the largest centred box whose aspect ratio lies within `ratio`."""
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        crop_w, crop_h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        crop_h, crop_w = height, round(height * ratio[1])
-    else:
-        crop_w, crop_h = width, height
-    return float((height - crop_h) // 2), float((width - crop_w) // 2), float(crop_h), float(crop_w)
+    """RandomResizedCrop's fallback for one image (see `_centre_crop_boxes`)."""
+    box = _centre_crop_boxes(torch.tensor([float(height)]), torch.tensor([float(width)]), ratio)
+    top, left, crop_h, crop_w = box[0].tolist()
+    return top, left, crop_h, crop_w
 
 
 def crop_flip_resize(
@@ -473,121 +594,12 @@ def _random_solarize(crops: torch.Tensor, probability: float, generator: torch.G
     chosen = _bernoulli(crops.shape[0], probability, generator)
     if not chosen.any():
         return crops
-    solarized = torch.where(crops >= 127.5 / 255, 1.0 - crops, crops)
-    return torch.where(chosen.to(crops.device).view(-1, 1, 1, 1), solarized, crops)
+    return torch.where(chosen.to(crops.device).view(-1, 1, 1, 1), solarize(crops), crops)
 
 
-# --------------------------------------------------------------------------------------------
-# Fast per-image transform for photographs (Pillow geometry and colour, one float conversion per resolution)
-# --------------------------------------------------------------------------------------------
-
-
-class PhotoMultiCropTransform:
-    """The spec's multi-crop views of one photograph, about 4x faster per process than torchvision's PIL pipeline.
-
-    Same law as the classic torchvision pipeline per view: RandomResizedCrop (bicubic, antialiased, as one
-    Pillow `resize(box=...)`), flip, ColorJitter(0.4, 0.4, 0.2, 0.1) in random order with p=0.8, grayscale
-    p=0.2, Gaussian blur sigma in [0.1, 2] (Pillow's GaussianBlur, as the reference TWIST code) with per-view
-    probabilities, solarization, normalisation. Speed comes from JPEG decoding at a reduced size that still
-    leaves every possible crop downsampled (`decode`), a lookup-table hue shift, and one uint8-to-float
-    normalisation per resolution instead of per view. Returns [global0, global1, *locals] float (3, S, S).
-    """
-
-    def __init__(
-        self,
-        global_size: int = 224,
-        local_size: int = 96,
-        num_local_crops: int = 0,
-        global_scale: Sequence[float] = PRETRAINING_GLOBAL_SCALE,
-        local_scale: Sequence[float] = PRETRAINING_LOCAL_SCALE,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        ratio: Sequence[float] = CROP_RATIO,
-        blur_probabilities: Sequence[float] = BLUR_PROBABILITIES,
-        solarize_probabilities: Sequence[float] = SOLARIZE_PROBABILITIES,
-    ) -> None:
-        if num_local_crops < 0:
-            raise ValueError(f"num_local_crops must be >= 0, got {num_local_crops}.")
-        blur = _check_view_probabilities("blur_probabilities", blur_probabilities)
-        solarize = _check_view_probabilities("solarize_probabilities", solarize_probabilities)
-        scales = [_check_scale("global_scale", global_scale)] * 2
-        scales += [_check_scale("local_scale", local_scale)] * num_local_crops
-        self.sizes = [global_size] * 2 + [local_size] * num_local_crops
-        self.scales = scales
-        self.ratio = (float(ratio[0]), float(ratio[1]))
-        self.blur = [_view_probability(blur, view) for view in range(len(self.sizes))]
-        self.solarize = [_view_probability(solarize, view) for view in range(len(self.sizes))]
-        self.mean255 = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
-        self.std255 = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
-        self.jitter = ColorJitter(0.4, 0.4, 0.2, 0.1)
-
-    def decode(self, data: bytes) -> PILImage.Image:
-        """Open encoded image bytes as RGB; JPEGs decode at the smallest power-of-two reduction at which the
-        smallest possible crop of every view is still at least that view's output size."""
-        image = PILImage.open(io.BytesIO(data))
-        if image.format == "JPEG":
-            factor = self.max_reduction(*image.size)
-            if factor > 1:
-                image.draft("RGB", (math.ceil(image.size[0] / factor), math.ceil(image.size[1] / factor)))
-        return image.convert("RGB")
-
-    def max_reduction(self, width: int, height: int) -> float:
-        """How much the image may shrink before some view's smallest crop side would fall below its size."""
-        factors = []
-        for size, (min_scale, _) in zip(self.sizes, self.scales):
-            area = min_scale * width * height
-            smallest_side = min(math.sqrt(area / self.ratio[1]), math.sqrt(area * self.ratio[0]))
-            factors.append(smallest_side / size)
-        return max(1.0, min(factors))
-
-    def __call__(self, image: PILImage.Image | bytes) -> list[torch.Tensor]:
-        """Views of a PIL image or of encoded image bytes (decoded with `decode`)."""
-        image = self.decode(image) if isinstance(image, bytes) else image
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        crops = [self._view(image, view) for view in range(len(self.sizes))]
-        views: list[torch.Tensor] = []
-        for start, end in _same_size_runs(self.sizes):
-            views.extend(self._normalise(crops[start:end]).unbind(0))
-        return views
-
-    def _view(self, image: PILImage.Image, view: int) -> PILImage.Image:
-        size = self.sizes[view]
-        top, left, height, width = RandomResizedCrop.get_params(image, list(self.scales[view]), list(self.ratio))
-        crop = image.resize((size, size), PILImage.BICUBIC, box=(left, top, left + width, top + height))
-        if random.random() < 0.5:
-            crop = crop.transpose(PILImage.FLIP_LEFT_RIGHT)
-        if random.random() < 0.8:
-            crop = self._colour_jitter(crop)
-        if random.random() < 0.2:
-            crop = crop.convert("L").convert("RGB")
-        if random.random() < self.blur[view]:
-            crop = crop.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
-        if random.random() < self.solarize[view]:
-            crop = ImageOps.solarize(crop, threshold=128)
-        return crop
-
-    def _colour_jitter(self, crop: PILImage.Image) -> PILImage.Image:
-        """torchvision's ColorJitter on a PIL image (same factors and random order), hue through a lookup table."""
-        jitter = self.jitter
-        order, brightness, contrast, saturation, hue = ColorJitter.get_params(
-            jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue
-        )
-        for index in order.tolist():
-            if index == 0:
-                crop = TF.adjust_brightness(crop, brightness)
-            elif index == 1:
-                crop = TF.adjust_contrast(crop, contrast)
-            elif index == 2:
-                crop = TF.adjust_saturation(crop, saturation)
-            else:
-                crop = adjust_hue_lut(crop, hue)
-        return crop
-
-    def _normalise(self, crops: list[PILImage.Image]) -> torch.Tensor:
-        """Same-size uint8 crops -> normalised float (N, 3, S, S) in one pass."""
-        pixels = torch.from_numpy(np.stack([np.asarray(crop) for crop in crops])).permute(0, 3, 1, 2)
-        return pixels.float().sub_(self.mean255).div_(self.std255)
+def solarize(pixels: torch.Tensor) -> torch.Tensor:
+    """Invert float pixels in [0, 1] whose uint8 value is >= 128 (torchvision's and Pillow's threshold)."""
+    return torch.where(pixels >= 127.5 / 255, 1.0 - pixels, pixels)
 
 
 def _same_size_runs(sizes: list[int]) -> list[tuple[int, int]]:
@@ -606,7 +618,9 @@ def adjust_hue_lut(image: PILImage.Image, hue_factor: float) -> PILImage.Image:
         raise ValueError(f"hue_factor must be in [-0.5, 0.5], got {hue_factor}.")
     if image.mode in {"L", "1", "I", "F"}:
         return image
-    hue, saturation, value = image.convert("HSV").split()
     shift = int(np.int8(hue_factor * 255))
-    hue = hue.point([(level + shift) % 256 for level in range(256)])
-    return PILImage.merge("HSV", (hue, saturation, value)).convert(image.mode)
+    table = ((_LEVELS + shift) % 256).astype(np.int64).tolist() + _IDENTITY_TABLE * 2  # hue byte only
+    return image.convert("HSV").point(table).convert(image.mode)
+
+
+_COLOUR_OPERATIONS = (adjust_brightness_lut, adjust_contrast_lut, adjust_saturation, adjust_hue_lut)
