@@ -1,4 +1,4 @@
-"""TWIST loss terms as pure functions of the logits (spec: twist-method.md sections 3 and 4).
+"""TWIST loss terms as pure functions of the logits (docs/method.md §3 and §4).
 
 Every mean is over the GLOBAL batch: per-rank sums are packed into one differentiable all-reduce, so
 the batch-mean distribution's gradient reaches every rank's samples. Without a process group the same
@@ -45,7 +45,7 @@ def _entropy_rows(q: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _kl_sum(p_a: torch.Tensor, p_b: torch.Tensor, eps: float) -> torch.Tensor:
-    """Sum over samples of KL(p_a || p_b) with the spec's eps inside the logs."""
+    """Sum over samples of KL(p_a || p_b) with eps inside the logs (docs/method.md §3.1)."""
     return (p_a * (torch.log(p_a + eps) - torch.log(p_b + eps))).sum()
 
 

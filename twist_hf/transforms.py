@@ -24,7 +24,7 @@ PRETRAINING_GLOBAL_SCALE = (0.4, 1.0)
 PRETRAINING_LOCAL_SCALE = (0.05, 0.4)
 SELF_LABELING_GLOBAL_SCALE = (0.14, 1.0)
 SELF_LABELING_LOCAL_SCALE = (0.05, 0.14)
-# Per view: global 0, global 1, then every local crop (spec section 5).
+# Per view: global 0, global 1, then every local crop (docs/method.md §5).
 BLUR_PROBABILITIES = (1.0, 0.1, 0.5)
 SOLARIZE_PROBABILITIES = (0.0, 0.2, 0.0)
 _RANDOM_RESIZED_CROP_ATTEMPTS = 10
@@ -32,7 +32,7 @@ _GRAYSCALE_WEIGHTS = (0.299, 0.587, 0.114)
 
 
 def self_labeling_crop_scales() -> dict[str, tuple[float, float]]:
-    """Harder crops of the self-labeling phase (spec section 4), as keyword arguments for either transform."""
+    """Harder crops of the self-labeling phase (docs/method.md §4.2), as keyword arguments for either transform."""
     return {"global_scale": SELF_LABELING_GLOBAL_SCALE, "local_scale": SELF_LABELING_LOCAL_SCALE}
 
 
@@ -71,7 +71,7 @@ def _blur_kernel_size(size: int) -> int:
 
 
 class MultiCropTransform:
-    """Turn one image into TWIST's views [global0, global1, *locals] (spec section 5).
+    """Turn one image into TWIST's views [global0, global1, *locals] (docs/method.md §5).
 
     Each view: random-resized crop (bicubic), flip, colour jitter (0.4, 0.4, 0.2, 0.1) with p=0.8,
     grayscale p=0.2, Gaussian blur sigma in [0.1, 2] (p 1.0 / 0.1 / 0.5 for global0 / global1 /
@@ -483,7 +483,7 @@ def _random_solarize(crops: torch.Tensor, probability: float, generator: torch.G
 
 
 class PhotoMultiCropTransform:
-    """The spec's multi-crop views of one photograph, about 4x faster per process than torchvision's PIL pipeline.
+    """Multi-crop views (docs/method.md §5) of one photograph, ~4x faster per process than torchvision's PIL pipeline.
 
     Same law as the classic torchvision pipeline per view: RandomResizedCrop (bicubic, antialiased, as one
     Pillow `resize(box=...)`), flip, ColorJitter(0.4, 0.4, 0.2, 0.1) in random order with p=0.8, grayscale
