@@ -1,6 +1,7 @@
 """The TWIST model family: presets, outputs, Auto classes, remote code, pipelines and bad input."""
 
 import json
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -66,6 +67,7 @@ def test_vit_initialisation_is_the_authors():
     qkv, norm = vit.blocks[0].attn.qkv, vit.blocks[0].norm1
     assert qkv.weight.std().item() == pytest.approx(0.02, rel=0.05) and qkv.bias.abs().max() == 0
     assert norm.weight.eq(1).all() and norm.bias.eq(0).all() and norm.eps == 1e-6
+    assert type(pickle.loads(pickle.dumps(vit))) is type(vit)  # Ray and deepcopy (the teacher) keep the behaviour
 
 
 def test_head_layer_norm_uses_the_authors_eps():

@@ -4,23 +4,32 @@ crops of another size, and their initialisation of the CLS token and patch embed
 from __future__ import annotations
 
 import math
-import types
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from transformers import initialization as init
 
 
-def authors_vit(backbone: nn.Module) -> nn.Module | None:
+class AuthorsVisionTransformer(VisionTransformer):
+    """timm's `VisionTransformer` whose position embedding follows other input sizes as the authors' does."""
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:  # tokens already flattened: the model was built without dynamic image sizes
+            return super()._pos_embed(x)
+        batch, height, width, dim = x.shape
+        tokens = torch.cat([self.cls_token.expand(batch, -1, -1), x.reshape(batch, -1, dim)], dim=1)
+        return self.pos_drop(tokens + interpolate_position_embedding(self.pos_embed, height, width))
+
+
+def authors_vit(backbone: nn.Module) -> VisionTransformer | None:
     """The timm ViT inside a `timm_wrapper` backbone if it has the authors' layout (one CLS token, no
-    register tokens, a square position grid that includes the CLS position), else None."""
+    register tokens, a position embedding that includes the CLS position), else None."""
     vit = getattr(backbone, "timm_model", None)
-    needed = ("pos_embed", "cls_token", "patch_embed", "_pos_embed")
-    if vit is None or not all(hasattr(vit, name) for name in needed) or vit.pos_embed is None:
+    if type(vit) not in (VisionTransformer, AuthorsVisionTransformer) or vit.pos_embed is None:
         return None
-    plain = vit.cls_token is not None and getattr(vit, "reg_token", None) is None
-    if not plain or getattr(vit, "no_embed_class", False) or getattr(vit, "num_prefix_tokens", 1) != 1:
+    if vit.cls_token is None or vit.reg_token is not None or vit.no_embed_class or vit.num_prefix_tokens != 1:
         return None
     return vit
 
@@ -46,20 +55,11 @@ def interpolate_position_embedding(pos_embed: torch.Tensor, grid_height: int, gr
     return torch.cat([pos_embed[:, :1], resized], dim=1)
 
 
-def _authors_pos_embed(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """timm `VisionTransformer._pos_embed` with the authors' interpolation, for NHWC patch tokens."""
-    if x.dim() != 4:
-        return type(self)._pos_embed(self, x)
-    batch, height, width, dim = x.shape
-    tokens = torch.cat([self.cls_token.expand(batch, -1, -1), x.reshape(batch, -1, dim)], dim=1)
-    return self.pos_drop(tokens + interpolate_position_embedding(self.pos_embed, height, width))
-
-
 def use_authors_position_interpolation(backbone: nn.Module) -> None:
     """Make a timm ViT backbone interpolate its position embedding as the authors do (no-op otherwise)."""
     vit = authors_vit(backbone)
     if vit is not None:
-        vit._pos_embed = types.MethodType(_authors_pos_embed, vit)
+        vit.__class__ = AuthorsVisionTransformer
 
 
 def init_authors_vit(vit: nn.Module) -> None:
