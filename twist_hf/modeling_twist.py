@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -90,6 +91,13 @@ def _activation(kind: str) -> nn.Module:
     return nn.ReLU(inplace=True) if kind == "relu" else nn.GELU()
 
 
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast disabled on `device`; nothing to disable where autocast does not exist (the meta device)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class TwistHead(nn.Module):
     """`Linear(F,H) -> Norm -> Act -> Dropout -> Linear(H,H) -> Norm -> Act -> Linear(H,K) -> last norm`.
 
@@ -121,7 +129,7 @@ class TwistHead(nn.Module):
         logs, global means) never sees logits rounded to half precision (docs/method.md §2.2).
         """
         unnormalized = self.last_linear(self.projection_head(features))
-        with torch.autocast(unnormalized.device.type, enabled=False):
+        with _autocast_off(unnormalized.device):
             if isinstance(self.norm, BunchBatchNorm):
                 return self.norm(unnormalized.float(), num_views=num_views), unnormalized
             return self.norm(unnormalized.float()), unnormalized
