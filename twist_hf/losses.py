@@ -106,7 +106,8 @@ def momentum_twist_loss(
 
 
 def confidence_threshold(confidence: torch.Tensor, quantile: float) -> torch.Tensor:
-    """The value at position ``quantile`` of the global batch's confidences sorted descending."""
+    """The value at position ``quantile`` of the global batch's confidences sorted descending; samples at or
+    above it are used (docs/method.md §4.2; the authors' per-rank, strictly-above rule is discussed in §9)."""
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"The self-labeling quantile must lie in [0, 1], got {quantile}.")
     everyone = all_gather_no_grad(confidence.detach()).sort(descending=True).values
