@@ -5,6 +5,7 @@ the same features and logits, and broken or unsafe files must fail loudly."""
 import argparse
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,8 +15,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from hub_server import PUSHED_MODEL_FILES, TEST_TOKEN, TEST_USER, client_env, start_hub_server
 from huggingface_hub import HfApi, hf_hub_download
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 from torchvision.models import resnet50
 from torchvision.models.resnet import Bottleneck, ResNet
@@ -257,6 +260,42 @@ def test_vit_keeps_the_position_grid_it_was_trained_with(tmp_path):
         1,
         384,
     )  # other sizes interpolate
+
+
+def dino_position_embedding(pos_embed: torch.Tensor, height: int, width: int, patch: int = 16) -> torch.Tensor:
+    """The authors' (DINO's) `interpolate_pos_encoding`: bicubic with scale ((side // patch + 0.1) / sqrt(N))."""
+    patches, dim = pos_embed.shape[1] - 1, pos_embed.shape[2]
+    side = int(math.sqrt(patches))
+    grid = pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    scale = ((height // patch + 0.1) / math.sqrt(patches), (width // patch + 0.1) / math.sqrt(patches))
+    grid = F.interpolate(grid, scale_factor=scale, mode="bicubic")
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+
+
+def dino_features(backbone: nn.Module, pixels: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
+    """The authors' ViT forward (patches, CLS, position embedding, blocks, final norm, CLS token)."""
+    with torch.inference_mode():
+        tokens = backbone.patch_embed.proj(pixels).flatten(2).transpose(1, 2)
+        tokens = torch.cat([backbone.cls_token.expand(len(pixels), -1, -1), tokens], dim=1) + pos_embed
+        return backbone.norm(backbone.blocks(tokens))[:, 0]
+
+
+def test_a_converted_vit_gives_the_authors_features_on_96_pixel_crops(vit_reference, tmp_path):
+    conversion = convert_official_checkpoint(save_full(tmp_path / "vit.pth", vit_reference, args={"act": "gelu"}))
+    pixels = torch.randn(2, 3, 96, 96)
+    backbone = vit_reference.backbone
+    expected = dino_features(backbone, pixels, dino_position_embedding(backbone.pos_embed, 96, 96))
+    torch.testing.assert_close(outputs(conversion.model, pixels)[0], expected)
+    timm_default = resample_abs_pos_embed(backbone.pos_embed, new_size=(6, 6), num_prefix_tokens=1)
+    assert not torch.allclose(dino_features(backbone, pixels, timm_default), expected, atol=1e-3)
+
+
+def test_the_head_activation_comes_from_the_checkpoints_args(tmp_path):
+    network = reference(widened_resnet(16), 512, seed=8, activation=nn.GELU)
+    conversion = convert_official_checkpoint(save_full(tmp_path / "gelu.pth", network, args={"act": "gelu"}))
+    assert conversion.model.config.head_activation == "gelu"
+    assert "head_activation = gelu: from args.act = 'gelu'" in conversion.notes
+    assert_same_outputs(conversion.model, network, torch.randn(2, 3, 64, 64))
 
 
 def _without(state: dict, key: str) -> dict:

@@ -14,7 +14,7 @@ from twist_hf.distributed import (
     all_reduce_sum,
     bunch_layout,
 )
-from twist_hf.losses import twist_loss
+from twist_hf.losses import self_label_loss, twist_loss
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +68,7 @@ def two_rank_checks(rank: int, world_size: int):
         "bunch_grad": bunch_grad_step(rank, world_size, x),
         "sync_bn": sync_bn_step(rank, world_size, torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(5))),
         "bad_bunch": model_with_bad_bunch(rank, world_size),
+        "self_label": self_label_step(rank, world_size, self_label_logits()),
     }
 
 
@@ -113,6 +114,32 @@ def test_loss_gradient_reaches_every_worker_samples(two_ranks):
     torch.testing.assert_close(torch.cat(grads, dim=1), full.grad, rtol=1e-5, atol=1e-7)
     for result in two_ranks:
         torch.testing.assert_close(result["loss_grad"][0], terms.loss.detach())
+
+
+def self_label_logits() -> torch.Tensor:
+    """Two views of 8 samples: rank 0's half far more confident than rank 1's."""
+    logits = torch.randn(3, BATCH, 5, generator=torch.Generator().manual_seed(6))
+    logits[:2, : BATCH // 2, 0] += 6.0
+    return logits
+
+
+def self_label_step(rank: int, world_size: int, logits: torch.Tensor):
+    share = logits.shape[1] // world_size
+    loss, fraction = self_label_loss(logits[:, rank * share : (rank + 1) * share], quantile=0.5)
+    return loss, fraction
+
+
+def test_self_label_threshold_is_a_quantile_of_the_global_batch(two_ranks):
+    """docs/method.md §4.2: every rank uses the threshold of the whole batch, so N ranks == 1 process,
+    where the authors' per-rank threshold would keep half of each rank's samples."""
+    logits = self_label_logits()
+    loss, fraction = self_label_loss(logits, quantile=0.5)
+    assert fraction.item() == pytest.approx(5 / 8)  # position 4 of 8 sorted descending, inclusive
+    for result in two_ranks:
+        torch.testing.assert_close(result["self_label"][0], loss)
+        torch.testing.assert_close(result["self_label"][1], fraction)
+    per_rank = [self_label_loss(logits[:, half], quantile=0.5)[1] for half in (slice(0, 4), slice(4, 8))]
+    assert [f.item() for f in per_rank] == [pytest.approx(3 / 4)] * 2
 
 
 def bunch_norm_step(rank: int, world_size: int, x: torch.Tensor, bunch_size: int):

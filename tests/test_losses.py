@@ -1,4 +1,4 @@
-"""TWIST loss terms against hand computations (spec section 3 and 4), written as plain loops."""
+"""TWIST loss terms against hand computations (docs/method.md §3 and §4), written as plain loops."""
 
 import math
 

@@ -1,6 +1,7 @@
 """The TWIST model family: presets, outputs, Auto classes, remote code, pipelines and bad input."""
 
 import json
+import pickle
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,39 @@ def test_vit_presets_carry_the_recipe_details():
     model = TwistModel(TwistConfig.from_preset("vit-s16", head_hidden_size=16, num_classes=8))
     linear = model.head.projection_head[0]
     assert linear.bias.abs().max() == 0 and linear.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_vit_initialisation_is_the_authors():
+    """docs/method.md §2.3: DINO's init. timm draws the CLS token with std 1e-6 and HF's init gives the
+    patch convolution N(0, 0.02) with zero bias; the authors leave the convolution at PyTorch's default."""
+    vit = TwistModel(TwistConfig.from_preset("vit-s16", head_hidden_size=16, num_classes=8)).backbone.timm_model
+    assert vit.cls_token.std().item() == pytest.approx(0.02, rel=0.2)
+    assert vit.pos_embed.std().item() == pytest.approx(0.02, rel=0.05)
+    bound = 1 / vit.patch_embed.proj.weight[0].numel() ** 0.5
+    for tensor in (vit.patch_embed.proj.weight, vit.patch_embed.proj.bias):
+        assert tensor.abs().max().item() <= bound and tensor.std().item() == pytest.approx(bound / 3**0.5, rel=0.1)
+    qkv, norm = vit.blocks[0].attn.qkv, vit.blocks[0].norm1
+    assert qkv.weight.std().item() == pytest.approx(0.02, rel=0.05) and qkv.bias.abs().max() == 0
+    assert norm.weight.eq(1).all() and norm.bias.eq(0).all() and norm.eps == 1e-6
+    assert type(pickle.loads(pickle.dumps(vit))) is type(vit)  # Ray and deepcopy (the teacher) keep the behaviour
+
+
+def test_head_layer_norm_uses_the_authors_eps():
+    head = TwistModel(tiny_config(head_norm="layer_norm")).head.projection_head
+    assert head[1].eps == head[5].eps == 1e-6
+
+
+def test_loss_path_stays_fp32_under_bf16_autocast():
+    """The last norm's output and the loss are fp32 even when the head's Linears run in bf16."""
+    model = TwistForPreTraining(tiny_config()).train()
+    views = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(views)
+    assert out.unnormalized_logits.dtype == torch.bfloat16 and out.logits.dtype == torch.float32
+    raw = out.unnormalized_logits.float().reshape(16, -1)  # one bunch of 8 samples x 2 views
+    expected = ((raw - raw.mean(0)) / (raw.var(0, unbiased=False) + 1e-5).sqrt()).view(2, 8, -1)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.loss, model.compute_loss(expected).loss, rtol=1e-6, atol=1e-7)
 
 
 def test_resnet_keeps_its_own_initialisation():

@@ -335,9 +335,10 @@ def build_config(
     if drop_path is not None and architecture.family != "vit":
         notes.append("drop_path_rate not used: ResNet backbones have no stochastic depth")
     fields.update(hyper)
+    fields.update(_activation_from_args(source.args, notes))
     fields["backbone_config"] = _backbone_config(architecture, drop_path)
     preset = TWIST_PRESETS[architecture.preset]
-    for name in ("num_classes", "head_hidden_size", "tau", "lam1", "lam2", "bunch_size", "eps"):
+    for name in ("num_classes", "head_hidden_size", "tau", "lam1", "lam2", "bunch_size", "eps", "head_activation"):
         if name not in fields:
             default = preset.get(name, TwistConfig.__dataclass_fields__[name].default)
             notes.append(f"{name} = {default}: not in the checkpoint, preset default")
@@ -409,6 +410,16 @@ def _fields_from_args(args: Mapping[str, Any], known: Mapping[str, Any], notes: 
                 "tensors or the command line; using the latter"
             )
     return fields
+
+
+def _activation_from_args(args: Mapping[str, Any], notes: list[str]) -> dict[str, str]:
+    """The head activation the checkpoint was trained with (`args.act`): the authors' head uses ReLU for
+    "relu" and GELU for any other value. Empty when the checkpoint does not say."""
+    if "act" not in args:
+        return {}
+    activation = "relu" if args["act"] == "relu" else "gelu"
+    notes.append(f"head_activation = {activation}: from args.act = {args['act']!r}")
+    return {"head_activation": activation}
 
 
 def _backbone_config(architecture: Architecture, drop_path_rate: float | None) -> dict[str, Any]:

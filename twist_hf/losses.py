@@ -1,4 +1,4 @@
-"""TWIST loss terms as pure functions of the logits (spec: twist-method.md sections 3 and 4).
+"""TWIST loss terms as pure functions of the logits (docs/method.md §3 and §4).
 
 Every mean is over the GLOBAL batch: per-rank sums are packed into one differentiable all-reduce, so
 the batch-mean distribution's gradient reaches every rank's samples. Without a process group the same
@@ -45,7 +45,7 @@ def _entropy_rows(q: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _kl_sum(p_a: torch.Tensor, p_b: torch.Tensor, eps: float) -> torch.Tensor:
-    """Sum over samples of KL(p_a || p_b) with the spec's eps inside the logs."""
+    """Sum over samples of KL(p_a || p_b) with eps inside the logs (docs/method.md §3.1)."""
     return (p_a * (torch.log(p_a + eps) - torch.log(p_b + eps))).sum()
 
 
@@ -106,7 +106,8 @@ def momentum_twist_loss(
 
 
 def confidence_threshold(confidence: torch.Tensor, quantile: float) -> torch.Tensor:
-    """The value at position ``quantile`` of the global batch's confidences sorted descending."""
+    """The value at position ``quantile`` of the global batch's confidences sorted descending; samples at or
+    above it are used (docs/method.md §4.2; the authors' per-rank, strictly-above rule is discussed in §9)."""
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"The self-labeling quantile must lie in [0, 1], got {quantile}.")
     everyone = all_gather_no_grad(confidence.detach()).sort(descending=True).values

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from transformers.utils import ModelOutput
 from .configuration_twist import TWIST_AUTO_MAP, TwistConfig
 from .distributed import BunchBatchNorm, bunch_layout, convert_to_distributed_batch_norm, world_size
 from .losses import TwistLossTerms, momentum_twist_loss, self_label_loss, twist_loss
+from .vit import authors_vit, init_authors_vit, use_authors_position_interpolation
 
 # Backbones whose pooler is a trained dense layer rather than the feature itself: use the CLS token.
 _CLS_TOKEN_BACKBONES = ("vit", "deit")
@@ -71,11 +73,21 @@ class TwistForPreTrainingOutput(ModelOutput):
 
 
 def _norm_layer(kind: str, size: int) -> nn.Module:
-    return {"batch_norm": nn.BatchNorm1d, "layer_norm": nn.LayerNorm}.get(kind, lambda _: nn.Identity())(size)
+    """The head's hidden norm; the LayerNorm option uses the authors' eps of 1e-6."""
+    if kind == "batch_norm":
+        return nn.BatchNorm1d(size)
+    return nn.LayerNorm(size, eps=1e-6) if kind == "layer_norm" else nn.Identity()
 
 
 def _activation(kind: str) -> nn.Module:
     return nn.ReLU(inplace=True) if kind == "relu" else nn.GELU()
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast disabled on `device`; nothing to disable where autocast does not exist (the meta device)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class TwistHead(nn.Module):
@@ -103,11 +115,16 @@ class TwistHead(nn.Module):
             self.norm = BunchBatchNorm(config.num_classes, mode=config.last_norm, bunch_size=config.bunch_size)
 
     def forward(self, features: torch.Tensor, num_views: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normalised logits, logits before the last norm) for view-major features (num_views * B, F)."""
+        """(normalised logits, logits before the last norm) for view-major features (num_views * B, F).
+
+        The last norm runs in fp32 even under autocast and its output stays fp32, so the loss path (softmax,
+        logs, global means) never sees logits rounded to half precision (docs/method.md §2.2).
+        """
         unnormalized = self.last_linear(self.projection_head(features))
-        if isinstance(self.norm, BunchBatchNorm):
-            return self.norm(unnormalized, num_views=num_views), unnormalized
-        return self.norm(unnormalized), unnormalized
+        with _autocast_off(unnormalized.device):
+            if isinstance(self.norm, BunchBatchNorm):
+                return self.norm(unnormalized.float(), num_views=num_views), unnormalized
+            return self.norm(unnormalized.float()), unnormalized
 
 
 def _build_backbone(config: TwistConfig) -> PreTrainedModel:
@@ -126,6 +143,7 @@ def _build_backbone(config: TwistConfig) -> PreTrainedModel:
             bias=False,
         )
         backbone.embedder.pooler = nn.Identity()
+    use_authors_position_interpolation(backbone)
     return backbone
 
 
@@ -180,6 +198,17 @@ class TwistPreTrainedModel(PreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             twist_image_processor(self.config).save_pretrained(save_directory)
+
+    def initialize_weights(self) -> None:
+        """Every module's init, then the authors' ViT init where timm's differs (docs/method.md §2.3).
+
+        Weights loaded from a checkpoint are flagged as initialised and left alone.
+        """
+        super().initialize_weights()
+        for module in self.modules():
+            vit = authors_vit(module.backbone) if isinstance(module, TwistModel) else None
+            if vit is not None:
+                init_authors_vit(vit)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Head Linears as the recipe asks; norms to identity. The backbone initialises itself."""

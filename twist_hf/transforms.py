@@ -22,7 +22,7 @@ PRETRAINING_GLOBAL_SCALE = (0.4, 1.0)
 PRETRAINING_LOCAL_SCALE = (0.05, 0.4)
 SELF_LABELING_GLOBAL_SCALE = (0.14, 1.0)
 SELF_LABELING_LOCAL_SCALE = (0.05, 0.14)
-# Per view: global 0, global 1, then every local crop (spec section 5).
+# Per view: global 0, global 1, then every local crop (docs/method.md §5).
 BLUR_PROBABILITIES = (1.0, 0.1, 0.5)
 SOLARIZE_PROBABILITIES = (0.0, 0.2, 0.0)
 _RANDOM_RESIZED_CROP_ATTEMPTS = 10
@@ -32,7 +32,7 @@ _IDENTITY_TABLE = list(range(256))
 
 
 def self_labeling_crop_scales() -> dict[str, tuple[float, float]]:
-    """Harder crops of the self-labeling phase (spec section 4), as keyword arguments for either transform."""
+    """Harder crops of the self-labeling phase (docs/method.md §4.2), as keyword arguments for either transform."""
     return {"global_scale": SELF_LABELING_GLOBAL_SCALE, "local_scale": SELF_LABELING_LOCAL_SCALE}
 
 
@@ -71,7 +71,7 @@ def _blur_kernel_size(size: int) -> int:
 
 
 class MultiCropLaw:
-    """The validated parameters of TWIST's multi-crop augmentation (spec section 5), one place for both the
+    """The validated parameters of TWIST's multi-crop augmentation (docs/method.md §5), one place for both the
     per-image `MultiCropTransform` and the batched `twist_hf.gpu_augment.DeviceMultiCrop`.
 
     Views [global0, global1, *locals]: random-resized crop, flip, colour jitter (0.4, 0.4, 0.2, 0.1) in random

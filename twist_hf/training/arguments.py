@@ -84,7 +84,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """What to train on and how to augment it (spec section 5)."""
+    """What to train on and how to augment it (docs/method.md §5)."""
 
     dataset_name: str = field(
         default="fashion-mnist",
@@ -144,7 +144,8 @@ class TwistTrainingArguments:
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps (overrides warmup_ratio)."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Warm-up as a fraction of the steps."})
     warmup_epochs: float | None = field(
-        default=None, metadata={"help": "Warm-up in epochs; default per spec: 10 (3 if <= 20 epochs, 5 if <= 50)."}
+        default=None,
+        metadata={"help": "Warm-up in epochs; default 10 (3 if <= 20 epochs, 5 if <= 50): docs/method.md §6.1."},
     )
     optim: str = field(default="lars", metadata={"help": f"One of {', '.join(OPTIMIZERS)}."})
     momentum: float = field(default=0.9, metadata={"help": "SGD/LARS momentum."})

@@ -1,4 +1,4 @@
-"""Optimisers and schedules of the TWIST recipes (spec section 6): LARS with exclusions, AdamW, SGD,
+"""Optimisers and schedules of the TWIST recipes (docs/method.md §6): LARS with exclusions, AdamW, SGD,
 linear warm-up + cosine learning rate, cosine weight decay, teacher momentum and self-label quantile."""
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ _NO_DECAY_NAMES = ("pos_embed", "cls_token", "position_embeddings")
 
 
 class LARS(torch.optim.Optimizer):
-    """Layer-wise adaptive rate scaling (SGD with momentum and a per-tensor trust ratio).
+    """Layer-wise adaptive rate scaling as the TWIST authors run it (docs/method.md §6.2).
 
-    Groups with ``lars_adaptation=False`` (biases, norms) take plain SGD-momentum steps without decay.
+    Per tensor: ``update = lr * trust * (g + wd * w)``, ``buffer = momentum * buffer + update``,
+    ``w -= buffer``. The learning rate sits inside the momentum buffer, so a change of lr (warm-up, the
+    self-labeling restart) only affects new gradients. ``trust = eta * ||w|| / (||g|| + wd * ||w||)``;
+    groups with ``lars_adaptation=False`` (biases, norms) use ``trust = 1``.
     """
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 1e-3):
@@ -30,27 +33,31 @@ class LARS(torch.optim.Optimizer):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                update = param.grad
-                if group["weight_decay"]:
-                    update = update.add(param, alpha=group["weight_decay"])
-                if group["lars_adaptation"]:
-                    update = update * _trust_ratio(param, update, group["eta"])
+                decay = group["weight_decay"]
+                trust = lars_trust_ratio(param, param.grad, decay, group["eta"]) if group["lars_adaptation"] else 1.0
+                update = param.grad.add(param, alpha=decay).mul_(trust * group["lr"])
                 state = self.state[param]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(param)
                 buffer = state["momentum_buffer"].mul_(group["momentum"]).add_(update)
-                param.add_(buffer, alpha=-group["lr"])
+                param.sub_(buffer)
         return loss
 
 
-def _trust_ratio(param: torch.Tensor, update: torch.Tensor, eta: float) -> torch.Tensor:
-    param_norm, update_norm = param.norm(), update.norm()
-    ratio = eta * param_norm / update_norm
-    return torch.where((param_norm > 0) & (update_norm > 0), ratio, torch.ones_like(ratio))
+def lars_trust_ratio(param: torch.Tensor, grad: torch.Tensor, weight_decay: float, eta: float) -> torch.Tensor | float:
+    """``eta * ||w|| / (||g|| + wd * ||w||)``, the authors' ratio (norms taken separately, not of g + wd*w).
+
+    A zero weight gives 0 (the tensor stays where it is, as in the authors' code); a zero denominator
+    (zero gradient and no decay, where their code divides by zero) gives 1, the update being zero anyway.
+    """
+    param_norm, grad_norm = param.norm(), grad.norm()
+    denominator = grad_norm + weight_decay * param_norm
+    ratio = eta * param_norm / denominator
+    return torch.where(denominator > 0, ratio, torch.ones_like(ratio))
 
 
 def is_excluded_from_decay(name: str, param: torch.Tensor) -> bool:
-    """Biases, all 1-D parameters, and ViT position embedding / CLS token (spec section 6)."""
+    """Biases, all 1-D parameters, and ViT position embedding / CLS token (docs/method.md §6.1)."""
     return param.ndim <= 1 or name.endswith(".bias") or any(key in name for key in _NO_DECAY_NAMES)
 
 
@@ -93,7 +100,7 @@ def cosine(start: float, end: float, progress: float) -> float:
 
 
 def default_warmup_epochs(epochs: float) -> float:
-    """Spec: 10 warm-up epochs; 3 when training <= 20 epochs, 5 when <= 50."""
+    """10 warm-up epochs; 3 when training <= 20 epochs, 5 when <= 50 (docs/method.md §6.1)."""
     if epochs <= 20:
         return 3.0
     if epochs <= 50:
@@ -136,7 +143,8 @@ class TrainingSchedule:
         return _warmup_cosine(step, self.phase1_steps, self.warmup_steps, self.learning_rate, self.min_lr_ratio)
 
     def weight_decay_at(self, step: int) -> float:
-        return cosine(self.weight_decay, self.weight_decay_end, step / max(self.phase1_steps, 1))
+        """Cosine over the whole run, self-labeling phase included, as the authors' schedule."""
+        return cosine(self.weight_decay, self.weight_decay_end, step / max(self.total_steps, 1))
 
     def teacher_momentum_at(self, step: int) -> float:
         return cosine(self.teacher_momentum, 1.0, step / max(self.phase1_steps, 1))
@@ -149,9 +157,9 @@ class TrainingSchedule:
 
 
 def _warmup_cosine(step: int, steps: int, warmup: int, peak: float, min_ratio: float) -> float:
-    """Linear warm-up to `peak` over `warmup` steps, then cosine to `min_ratio * peak` at `steps`."""
+    """Linear warm-up from 0 to `peak` over `warmup` steps, then cosine to `min_ratio * peak` at `steps`."""
     if step < warmup:
-        return peak * (step + 1) / warmup
+        return peak * step / warmup
     return cosine(peak, peak * min_ratio, (step - warmup) / max(steps - warmup, 1))
 
 
