@@ -16,8 +16,9 @@ import torch
 from ..distributed import bunch_layout
 from .arguments import PretrainArguments, arguments_from_dict
 from .checkpoint import MODEL_DIR
-from .data import check_dataset
-from .loop import RESULTS_FILE, LocalReporter, train_worker
+
+# The run (`.loop`) and the data checks (`.data`) are imported where they are used: they load `datasets`, which
+# `import twist_hf.training` must not need (the GPU benchmark imports `twist_hf.training.step` without it).
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ def world_size_for(args: PretrainArguments) -> int:
 
 def validate_before_launch(args: PretrainArguments) -> None:
     """Everything that can be checked without training: config, batch/bunch layout, data, output, Hub."""
+    from .data import check_dataset
+
     config = args.model.build_config()
     _check_bunch(config, args.training.per_device_train_batch_size, world_size_for(args))
     check_dataset(args.data, need_labels=bool(args.data.eval_split))
@@ -84,6 +87,8 @@ def _check_hub_token(args: PretrainArguments) -> None:
 
 def run_local(args: PretrainArguments) -> dict:
     """The loop in this process (one process, or each process of `accelerate launch`)."""
+    from .loop import LocalReporter, train_worker
+
     return train_worker(args, LocalReporter(args.training.output_dir, args.training.save_total_limit))
 
 
@@ -106,6 +111,8 @@ class RayReporter:
 
 def ray_train_loop(loop_config: dict) -> None:
     """What each Ray Train worker runs."""
+    from .loop import train_worker
+
     args = arguments_from_dict(loop_config["args"])
     set_worker_threads(args)
     train_worker(args, RayReporter())
@@ -226,6 +233,8 @@ def launch(args: PretrainArguments) -> dict:
 
 def summary_lines(args: PretrainArguments, metrics: dict) -> list[str]:
     """What a user needs after a run: the numbers and where each output is."""
+    from .loop import RESULTS_FILE
+
     output = Path(args.training.output_dir).resolve()
     lines = [
         f"Model (AutoModel.from_pretrained): {output}",
