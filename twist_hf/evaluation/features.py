@@ -142,7 +142,7 @@ def image_features(
     parts = np.array_split(np.arange(len(images)), processes)
     mine = parts[accelerator.process_index if accelerator is not None else 0]
     device = accelerator.device if accelerator is not None else next(feature_model.parameters()).device
-    was_training = feature_model.training
+    was_training = feature_model.model.training
     feature_model.eval()
     with accelerator.autocast() if accelerator is not None else _bf16_autocast_on_gpu(device):
         batches = [

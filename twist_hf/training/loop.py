@@ -14,7 +14,6 @@ from typing import Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration
 
 from ..hub import HubPusher, resolve_resume_checkpoint
@@ -32,7 +31,7 @@ from .data import BatchedViews, PerImageViews, build_train_views, crop_transform
 from .monitors import build_monitors, monitor_metrics
 from .optim import build_recipe_optimizer, build_schedule
 from .run_log import LOG_FILE, RunLog, step_statistics
-from .step import TrainingDivergedError, TrainingStep, build_teacher
+from .step import TrainingDivergedError, TrainingStep, build_teacher, fresh_accelerator, prepare_for_training
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +65,11 @@ class LocalReporter:
 
 
 def build_accelerator(args: PretrainArguments) -> Accelerator:
-    """A fresh Accelerator for this run. Accelerate keeps one process-wide state and refuses a second run with
-    another precision in the same process (notebooks, sweeps, tests); the run-level part of that state is reset
-    here, the process group part is kept."""
+    """A fresh Accelerator for this run: device, precision, trackers and their folder."""
     training = args.training
-    precision = "bf16" if training.bf16 else "fp16" if training.fp16 else "no"
-    AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(
+    return fresh_accelerator(
         cpu=not args.launch.use_gpu,
-        mixed_precision=precision,
+        mixed_precision="bf16" if training.bf16 else "fp16" if training.fp16 else "no",
         log_with=list(training.report_to) or None,
         project_config=ProjectConfiguration(
             project_dir=training.output_dir, logging_dir=str(Path(training.output_dir) / "runs")
@@ -124,7 +119,11 @@ class PretrainingRun:
         optimizer = build_recipe_optimizer(model, self.training, self.schedule.lr(0))
         self.teacher = build_teacher(model) if self.training.momentum_teacher else None
         self.start_step = self._restore(model, optimizer)
-        self.model, self.optimizer = self._prepare(model, optimizer)
+        self.model, self.optimizer = prepare_for_training(
+            model, optimizer, self.accelerator, self.training.channels_last, self.training.torch_compile
+        )
+        if self.teacher is not None:
+            self.teacher.to(self.accelerator.device)
         self.step = TrainingStep(
             self.model,
             self.optimizer,
@@ -154,17 +153,6 @@ class PretrainingRun:
         if self.accelerator.is_main_process:
             logger.info("Resumed from %s at step %d.", source, state["global_step"])
         return int(state["global_step"])
-
-    def _prepare(self, model: TwistForPreTraining, optimizer: torch.optim.Optimizer) -> tuple:
-        """Memory format, Accelerate wrapping and compilation of the student; the teacher to the device."""
-        if self.training.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        model, optimizer = self.accelerator.prepare(model, optimizer)
-        if self.training.torch_compile:
-            model = torch.compile(model)
-        if self.teacher is not None:
-            self.teacher.to(self.accelerator.device)
-        return model, optimizer
 
     def _build_pusher(self) -> HubPusher | None:
         if not (self.training.push_to_hub and self.accelerator.is_main_process):

@@ -8,6 +8,7 @@ import copy
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch import nn
 
 from ..modeling_twist import TwistForPreTraining, TwistForPreTrainingOutput
@@ -20,6 +21,28 @@ class TrainingDivergedError(RuntimeError):
     def __init__(self, step: int, loss: float):
         super().__init__(f"The loss became {loss} at step {step}")
         self.step, self.loss = step, loss
+
+
+def fresh_accelerator(**options) -> Accelerator:
+    """A new Accelerator. Accelerate keeps one process-wide state and refuses a second run with another precision
+    in the same process (notebooks, sweeps, tests, benchmarks); the run-level part of that state is reset here,
+    the process group part is kept."""
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(**options)
+
+
+def prepare_for_training(
+    model: TwistForPreTraining,
+    optimizer: torch.optim.Optimizer,
+    accelerator: Accelerator,
+    channels_last: bool,
+    compile_model: bool,
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The student in its memory format, wrapped by Accelerate (DDP over several processes), compiled if asked."""
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    return (torch.compile(prepared) if compile_model else prepared), optimizer
 
 
 def build_teacher(model: TwistForPreTraining) -> TwistForPreTraining:
