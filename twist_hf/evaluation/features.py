@@ -155,7 +155,7 @@ def image_features(
         gather_in_order(_concatenated(batches, index, feature_model, device), sizes, accelerator).cpu()
         for index in range(2 if with_logits else 1)
     ]
-    return FeatureSet(outputs[0], outputs[1] if with_logits else None, torch.as_tensor(labels))
+    return FeatureSet(outputs[0], outputs[1] if with_logits else None, torch.tensor(np.asarray(labels)))
 
 
 def _batch_outputs(model: FeatureModel, images: torch.Tensor, device: torch.device) -> tuple:
