@@ -32,11 +32,11 @@ from transformers import AutoConfig
 from twist_hf import TwistModel
 from twist_hf.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist_arrays
 from twist_hf.evaluation import (
-    FeatureModel,
     FeatureSet,
     class_balanced_subset,
     cluster_figures,
     cluster_metrics,
+    image_features,
     knn_evaluate,
     linear_probe_on_features,
     load_classifier,
@@ -156,21 +156,6 @@ def network_pixels(images: torch.Tensor, config) -> torch.Tensor:
     return batched_eval_transform(images, config.image_size, config.image_mean, config.image_std)
 
 
-def network_features(
-    model: FeatureModel, images: torch.Tensor, labels: torch.Tensor, batch_size: int = EXTRACTION_BATCH_SIZE
-) -> FeatureSet:
-    """Backbone features and head logits of in-memory images, in batches under inference_mode."""
-    features, logits = [], []
-    model.eval()
-    with torch.inference_mode():
-        for batch in images.split(batch_size):
-            batch_features, batch_logits = model(network_pixels(batch, model.model.config))
-            features.append(batch_features.float())
-            if batch_logits is not None:
-                logits.append(batch_logits.float())
-    return FeatureSet(torch.cat(features), torch.cat(logits) if logits else None, labels)
-
-
 def pixel_features(images: torch.Tensor, labels: torch.Tensor) -> FeatureSet:
     """Flattened pixels normalised with the Fashion-MNIST mean and std: (N, H x W), no logits."""
     pixels = batched_eval_transform(images, images.shape[-1], FASHION_MNIST_MEAN, FASHION_MNIST_STD)
@@ -257,7 +242,7 @@ def finetune_metrics(
     settings: BenchmarkSettings,
     accelerator: Accelerator,
 ) -> dict[str, float]:
-    """The spec's semi-supervised recipe on in-memory images: backbone + new classifier, top-1/5 on test.
+    """The semi-supervised recipe of docs/method.md §7.1 on in-memory images: backbone + new classifier, top-1/5 on test.
 
     Epochs and backbone lr follow the paper's recipe for the fraction (20 epochs, 0.04 / 0.02), head lr 0.2,
     both per 256 images; augmentation is a batched random crop + flip.
@@ -313,8 +298,10 @@ def evaluate_network(
             "saved by TWIST pretraining (recipes/pretrain.py)."
         )
     with timer.part(column, "features"):
-        train = network_features(feature_model, data.train_images, data.train_labels)
-        test = network_features(feature_model, data.test_images, data.test_labels)
+        train, test = (
+            image_features(feature_model, images, labels, with_logits=True, batch_size=EXTRACTION_BATCH_SIZE)
+            for images, labels in ((data.train_images, data.train_labels), (data.test_images, data.test_labels))
+        )
     metrics = frozen_feature_metrics(column, train, test, data, settings, timer)
     with timer.part(column, "cluster"):
         metrics |= cluster_metrics(test.logits, test.labels, data.num_classes)

@@ -1,10 +1,12 @@
-"""Single-GPU benchmark, self-contained (torch and twist_hf only: no Ray, no network), about 8 minutes on an H100.
+"""Single-GPU benchmark (torch and twist_hf: no Ray, no network), about 8 minutes on an H100.
 
-1. ResNet-50 TWIST training step at 2x224 + 6x96 multi-crop, bf16 autocast + channels_last + torch.compile +
-   fused SGD-momentum: images/s and model FLOP utilisation (FLOPs of one step counted with FlopCounterMode,
-   divided by step time and the GPU's dense bf16 peak).
-2. A short real Fashion-MNIST pretraining run with a ResNet-18-sized backbone (batched GPU multi-crop), then
-   weighted kNN top-1 on the test set against the same network at random init.
+1. The library's `TrainingStep` of the ResNet-50 multi-crop recipe (recipes/configs/imagenet-resnet50-multicrop.yaml:
+   2x224 + 6x96 crops, LARS, bf16 autocast, channels_last) with torch.compile: images/s and model FLOP
+   utilisation (FLOPs of one step counted with FlopCounterMode, divided by step time and the GPU's dense bf16
+   peak). Needs neither Ray nor `datasets`.
+2. The library's pretraining run of the Fashion-MNIST recipe (recipes/configs/fmnist.yaml) with a
+   ResNet-18-sized backbone on one GPU, and its weighted kNN top-1 on the test set against the same network at
+   random init (needs `datasets`, as every pretraining run does).
 
     python benchmarks/gpu.py                      # on a GPU machine, writes benchmarks/results/<gpu>-<date>.json
     python benchmarks/gpu.py --device cpu --tiny  # smoke test on the CPU
@@ -13,8 +15,8 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,11 +34,9 @@ from harness import (
     summarise,
     write_json,
 )
+from train_step import RECIPES, Variant, Workload, recipe_arguments, recipe_step, synthetic_views
 
-from twist_hf import TwistConfig, TwistForPreTraining
-from twist_hf.data import fashion_mnist_arrays
-from twist_hf.evaluation.knn import knn_evaluate
-from twist_hf.transforms import BatchedMultiCrop, batched_eval_transform
+from twist_hf.training.arguments import PretrainArguments, make_parser, read_recipe
 
 HERE = Path(__file__).resolve().parent
 CARRIED_DATA = HERE / "data" / "fashion-mnist"
@@ -54,6 +54,7 @@ BF16_PEAKS = {
     "A10G": 70e12,
     "RTX 4090": 165e12,
 }
+MULTICROP_RECIPE = "imagenet-resnet50-multicrop.yaml"
 RESNET18 = {
     "model_type": "resnet",
     "embedding_size": 64,
@@ -80,7 +81,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--fmnist-epochs", type=float, default=10.0)
     parser.add_argument("--fmnist-batch-size", type=int, default=512)
-    parser.add_argument("--fmnist-max-seconds", type=float, default=210.0, help="stop training early after this")
     parser.add_argument("--results-dir", default=str(HERE / "results"))
     return parser.parse_args(argv)
 
@@ -92,24 +92,6 @@ def bf16_peak_flops(device: torch.device, override_tflops: float | None) -> floa
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in BF16_PEAKS.items() if key in name), None)
-
-
-def fused_sgd(model: torch.nn.Module, device: torch.device, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    return torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, fused=device.type == "cuda"
-    )
-
-
-def training_step(model, optimizer, device: torch.device):
-    def step(views: list[torch.Tensor]) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(views).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    return step
 
 
 def synchronize(device: torch.device) -> None:
@@ -127,40 +109,25 @@ def count_step_flops(model, views: list[torch.Tensor], device: torch.device) -> 
 
 
 def resnet50_throughput(args: argparse.Namespace, device: torch.device) -> dict:
-    """ResNet-50 2x224 + 6x96 bf16 training step: img/s, step time, MFU, peak memory."""
+    """The ResNet-50 multi-crop recipe's library training step: img/s, step time, MFU, peak memory."""
     batch, global_size, local_size = (4, 64, 32) if args.tiny else (args.batch_size, 224, 96)
-    torch.manual_seed(0)
-    config = TwistConfig.from_preset("resnet50", bunch_size=batch)
-    model = TwistForPreTraining(config).to(device, memory_format=torch.channels_last).train()
-    views = [
-        torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-        for size in [global_size] * 2 + [local_size] * 6
-    ]
-    flops = count_step_flops(model, views, device)
     use_compile = device.type == "cuda" and not args.no_compile
-    compiled = torch.compile(model) if use_compile else model
-    step = training_step(compiled, fused_sgd(model, device, 0.1, 1e-6), device)
+    workload = Workload("resnet50-multicrop", "resnet50", batch, global_size, MULTICROP_RECIPE, local_size, 6)
+    variant = Variant("recipe", channels_last=True, bf16=True, compile=use_compile)
+    step, model = recipe_step(recipe_arguments(workload, variant), device)
+    views = synthetic_views(batch, [global_size] * 2 + [local_size] * 6, device, channels_last=True)
+    flops = count_step_flops(model, views, device)
     steps_per_rep = 1 if args.tiny else args.steps_per_rep
     reps = 1 if args.tiny else args.reps
     with PeakMemory(device) as memory:
-        started = time.perf_counter()
-        for _ in range(3):
-            step(views)
-        synchronize(device)
-        warmup_s = time.perf_counter() - started
-        seconds = []
-        for _ in range(reps):
-            started = time.perf_counter()
-            for _ in range(steps_per_rep):
-                step(views)
-            synchronize(device)
-            seconds.append((time.perf_counter() - started) / steps_per_rep)
+        warmup_s = timed_steps(step, views, device, 0, 3)
+        seconds = [timed_steps(step, views, device, 3 + rep * steps_per_rep, steps_per_rep) for rep in range(reps)]
     peak = bf16_peak_flops(device, args.peak_tflops)
-    step_s = summarise(seconds)
+    step_s = summarise([total / steps_per_rep for total in seconds])
     return {
-        "workload": f"resnet50 2x{global_size} + 6x{local_size}, batch {batch}, bf16 autocast, channels_last, "
-        f"{'torch.compile' if use_compile else 'eager'}, fused SGD-momentum",
-        "img_per_s": summarise(rates(seconds, batch)),
+        "workload": f"library TrainingStep of {MULTICROP_RECIPE}: resnet50 2x{global_size} + 6x{local_size}, batch "
+        f"{batch}, LARS, bf16 autocast, channels_last, {'torch.compile' if use_compile else 'eager'}",
+        "img_per_s": summarise(rates([total / steps_per_rep for total in seconds], batch)),
         "step_s": step_s,
         "warmup_s": warmup_s,
         "flops_per_step": flops,
@@ -170,6 +137,15 @@ def resnet50_throughput(args: argparse.Namespace, device: torch.device) -> dict:
         "peak_memory_mb": memory.peak_bytes / 2**20,
         "memory_measure": memory.kind,
     }
+
+
+def timed_steps(step, views: list[torch.Tensor], device: torch.device, first: int, count: int) -> float:
+    """Seconds for `count` library steps from global step `first`, synchronised."""
+    started = time.perf_counter()
+    for index in range(first, first + count):
+        step(index, views)
+    synchronize(device)
+    return time.perf_counter() - started
 
 
 def fashion_mnist_dir(args: argparse.Namespace) -> Path:
@@ -183,106 +159,102 @@ def fashion_mnist_dir(args: argparse.Namespace) -> Path:
     )
 
 
-@torch.no_grad()
-def backbone_features(model, images: torch.Tensor, device: torch.device, batch_size: int = 2048) -> torch.Tensor:
-    config = model.config
-    model.eval()
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        pixels = batched_eval_transform(
-            images[start : start + batch_size].to(device), config.image_size, config.image_mean, config.image_std
-        )
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            chunks.append(model.twist(pixel_values=pixels).pooler_output.float())
-    model.train()
-    return torch.cat(chunks)
+def knn_top1_at_random_init(args: PretrainArguments, root: Path, device: torch.device) -> float:
+    """kNN top-1 (the recipe's k and temperature) of the run's network at its seeded initialisation."""
+    from twist_hf.data import fashion_mnist_arrays
+    from twist_hf.evaluation import image_features, knn_evaluate
+    from twist_hf.training.loop import build_model
+
+    limit = args.data.max_train_samples
+    model = build_model(args).twist.to(device)
+    bank, queries = (
+        image_features(model, *(array[:limit] for array in fashion_mnist_arrays(split, root)), batch_size=2048)
+        for split in ("train", "test")
+    )
+    metrics = knn_evaluate(
+        bank.features,
+        bank.labels,
+        queries.features,
+        queries.labels,
+        10,
+        ks=(args.training.knn_k,),
+        temperature=args.training.knn_temperature,
+    )
+    return metrics["knn_top1"]
 
 
-def knn_top1(model, train: tuple, test: tuple, device: torch.device) -> float:
-    bank, queries = backbone_features(model, train[0], device), backbone_features(model, test[0], device)
-    return knn_evaluate(bank, train[1].to(device), queries, test[1].to(device), 10, ks=(20,))["knn_top1"]
-
-
-def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+def fashion_mnist_arguments(args: argparse.Namespace, root: Path, output_dir: Path, device: torch.device):
+    """The Fashion-MNIST recipe on this device, one worker, with a ResNet-18-sized backbone."""
+    backbone = {**RESNET18, "embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1]} if args.tiny else RESNET18
+    batch = 64 if args.tiny else args.fmnist_batch_size
+    options = {
+        **read_recipe(RECIPES / "fmnist.yaml"),
+        "backbone_overrides": backbone,
+        "bunch_size": batch,
+        "per_device_train_batch_size": batch,
+        "data_dir": str(root),
+        "num_train_epochs": args.fmnist_epochs,
+        "launcher": "local",
+        "num_workers": 1,
+        "use_gpu": device.type == "cuda",
+        "output_dir": str(output_dir),
+        "report_to": ["none"],
+        "save_strategy": "no",
+    }
+    if args.tiny:
+        options.update(max_train_samples=512, max_eval_samples=512, max_steps=4)
+    return PretrainArguments(*make_parser().parse_dict(options))
 
 
 def fashion_mnist_run(args: argparse.Namespace, device: torch.device) -> dict:
-    """Short TWIST pretraining of a ResNet-18-sized backbone on real Fashion-MNIST, then kNN top-1."""
+    """The library's Fashion-MNIST pretraining run on this device, then kNN top-1 against random init."""
+    try:
+        from twist_hf.training.loop import LocalReporter, train_worker
+    except ImportError as error:
+        return {"error": f"The pretraining run needs `datasets` ({error}); pip install datasets to run it."}
     root = fashion_mnist_dir(args)
-    limit = 512 if args.tiny else None
-    train_images, train_labels = (torch.tensor(array[:limit]) for array in fashion_mnist_arrays("train", root))
-    test_images, test_labels = (torch.tensor(array[:limit]) for array in fashion_mnist_arrays("test", root))
-    batch = 64 if args.tiny else args.fmnist_batch_size
-    backbone = {**RESNET18, "embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1]} if args.tiny else RESNET18
-    torch.manual_seed(0)
-    config = TwistConfig.from_preset("fmnist-resnet", backbone_config=backbone, bunch_size=batch)
-    model = TwistForPreTraining(config).to(device, memory_format=torch.channels_last)
-    random_init_top1 = knn_top1(model, (train_images, train_labels), (test_images, test_labels), device)
-    crops = BatchedMultiCrop(
-        mean=config.image_mean,
-        std=config.image_std,
-        global_size=28,
-        local_size=14,
-        num_local_crops=4,
-        global_scale=(0.35, 1.0),
-        local_scale=(0.1, 0.35),
-        seed=0,
-    )
-    optimizer = fused_sgd(model, device, 0.0, 5e-4)
-    step = training_step(model, optimizer, device)
-    steps_per_epoch = len(train_images) // batch
-    total = 4 if args.tiny else int(args.fmnist_epochs * steps_per_epoch)
-    gpu_images = train_images.to(device)
-    generator = torch.Generator().manual_seed(0)
-    started, done, loss = time.perf_counter(), 0, torch.tensor(float("nan"))
-    while done < total and time.perf_counter() - started < args.fmnist_max_seconds:
-        order = torch.randperm(len(train_images), generator=generator)
-        for index in order[: steps_per_epoch * batch].view(steps_per_epoch, batch):
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(done, total, max(1, total // 20), 0.05 * batch / 256 * 10)
-            views = [view.contiguous(memory_format=torch.channels_last) for view in crops(gpu_images[index.to(device)])]
-            loss = step(views)
-            done += 1
-            if done >= total or time.perf_counter() - started > args.fmnist_max_seconds:
-                break
-    synchronize(device)
-    train_s = time.perf_counter() - started
+    with tempfile.TemporaryDirectory(prefix="gpu-bench-fmnist-") as folder:
+        run_args = fashion_mnist_arguments(args, root, Path(folder), device)
+        random_init_top1 = knn_top1_at_random_init(run_args, root, device)
+        started = time.perf_counter()
+        results = train_worker(run_args, LocalReporter(folder, 1))
+        wall_s = time.perf_counter() - started
     return {
-        "workload": f"ResNet-18-sized backbone (small stem), batch {batch}, 2x28 + 4x14 crops, bf16",
-        "steps": done,
-        "planned_steps": total,
-        "epochs": done / steps_per_epoch,
-        "train_s": train_s,
-        "img_per_s": done * batch / train_s,
-        "final_loss": float(loss),
-        "knn_top1": knn_top1(model, (train_images, train_labels), (test_images, test_labels), device),
+        "workload": f"recipes/configs/fmnist.yaml, ResNet-18-sized backbone, batch "
+        f"{run_args.training.per_device_train_batch_size}, one GPU",
+        "steps": results["global_step"],
+        "epochs": run_args.training.num_train_epochs,
+        "train_s": results["train_runtime"],
+        "wall_s": wall_s,
+        "img_per_s": results["train_images_per_second"],
+        "knn_top1": results["knn_top1"],
         "random_init_knn_top1": random_init_top1,
         "data_dir": str(root),
     }
 
 
 def markdown(results: dict) -> str:
-    r50, fmnist = results["resnet50_multicrop"], results["fashion_mnist"]
+    r50 = results["resnet50_multicrop"]
     mfu = f"{100 * r50['mfu']:.1f}%" if r50["mfu"] is not None else "n/a (unknown peak)"
     rows = [
-        ["ResNet-50 2x224+6x96 bf16 step", fmt_range(r50["img_per_s"], 2), f"MFU {mfu} (target >= 35%)"],
-        [
-            "Fashion-MNIST ResNet-18-sized run",
-            f"{fmnist['img_per_s']:.0f}",
-            (
-                f"kNN top-1 {fmnist['knn_top1']:.4f} vs random init {fmnist['random_init_knn_top1']:.4f}, "
-                f"{fmnist['epochs']:.1f} epochs in {fmnist['train_s']:.0f} s"
-            ),
-        ],
+        ["ResNet-50 2x224+6x96 recipe step (LARS, bf16)", fmt_range(r50["img_per_s"], 2), f"MFU {mfu}"],
+        ["Fashion-MNIST recipe run, ResNet-18-sized", *fashion_mnist_cells(results["fashion_mnist"])],
     ]
     return (
         f"# GPU benchmark: {results['machine']['device']}, {results['machine']['date']}\n\n"
         + markdown_table(["benchmark", "img/s median (min-max)", "result"], rows)
         + "\n"
     )
+
+
+def fashion_mnist_cells(fmnist: dict) -> list[str]:
+    if "error" in fmnist:
+        return ["not run", fmnist["error"]]
+    return [
+        f"{fmnist['img_per_s']:.0f}",
+        f"kNN top-1 {fmnist['knn_top1']:.4f} vs random init {fmnist['random_init_knn_top1']:.4f}, "
+        f"{fmnist['steps']} steps in {fmnist['train_s']:.0f} s",
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict:

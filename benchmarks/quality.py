@@ -15,8 +15,7 @@ import torch
 
 from twist_hf import TwistConfig, TwistModel
 from twist_hf.data import fashion_mnist_arrays
-from twist_hf.evaluation.knn import knn_evaluate
-from twist_hf.transforms import batched_eval_transform
+from twist_hf.evaluation import image_features, knn_evaluate
 
 REPO = Path(__file__).resolve().parent.parent
 KNN_K, KNN_TEMPERATURE, NUM_CLASSES = 20, 0.07, 10
@@ -39,18 +38,6 @@ def pixel_features(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
 
 
-@torch.no_grad()
-def model_features(model: TwistModel, images: np.ndarray, batch_size: int = 1000) -> torch.Tensor:
-    """Backbone features (pooler_output) with the training monitor's eval transform."""
-    config = model.config
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.tensor(images[start : start + batch_size])
-        pixels = batched_eval_transform(batch, config.image_size, config.image_mean, config.image_std)
-        chunks.append(model(pixel_values=pixels).pooler_output)
-    return torch.cat(chunks)
-
-
 def baselines(max_train: int | None, max_test: int | None) -> dict[str, float]:
     """kNN top-1 of raw pixels, mean-centred pixels and a random-init fmnist-resnet's features."""
     train_images, train_labels = fashion_mnist_arrays("train")
@@ -65,9 +52,9 @@ def baselines(max_train: int | None, max_test: int | None) -> dict[str, float]:
         "raw_pixels": knn_top1(bank, train_labels, queries, test_labels),
         "mean_centred_pixels": knn_top1(bank - mean, train_labels, queries - mean, test_labels),
         "random_init_fmnist_resnet": knn_top1(
-            model_features(random_model, train_images),
+            image_features(random_model, train_images, train_labels).features,
             train_labels,
-            model_features(random_model, test_images),
+            image_features(random_model, test_images, test_labels).features,
             test_labels,
         ),
     }

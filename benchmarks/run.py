@@ -132,55 +132,15 @@ def markdown_report(results: dict) -> str:
             "measurements of this same run. Produced by `python benchmarks/run.py`; see benchmarks/README.md."
         ),
     ]
-    if "train_step" in results:
-        parts += [
-            "",
-            "## Training step (forward + backward + optimiser step)",
-            "",
-            (
-                "Peak memory: process RSS high-water mark on CPU (includes the Python process), "
-                "torch.cuda.max_memory_allocated on GPU. First step includes compilation."
-            ),
-            "",
-            markdown_table(
-                ["model (views)", "variant", "img/s", "vs eager fp32", "peak MB", "first step s"],
-                train_step_rows(results["train_step"]),
-            ),
-        ]
-    if "augmentation" in results:
-        section = results["augmentation"]
-        rows = [
-            [name, fmt_range(value["img_per_s"]), f"{value['speedup_vs_authors']:.2f}x"]
-            for name, value in section["pipelines"].items()
-        ]
-        parts += [
-            "",
-            (
-                f"## Augmentation ({section['views']}, 1 thread, {len(section['images'])} photographs "
-                "as ImageNet-size JPEGs, from encoded bytes)"
-            ),
-            "",
-            markdown_table(["pipeline", "img/s", "vs the authors' pipeline"], rows),
-        ]
-    if "launchers" in results:
-        section = results["launchers"]
-        rows = [
-            [name, fmt_range(value["step_s"], 3), f"{value['time_to_first_step_s']:.1f}", f"{value['wall_s']:.1f}"]
-            for name, value in section["launchers"].items()
-        ]
-        parts += [
-            "",
-            f"## Launchers ({section['workload']})",
-            "",
-            markdown_table(["launcher", "steady step s", "time to first step s", "wall s"], rows),
-            "",
-            (
-                f"Step time ratio Ray / torchrun: {section['step_time_ratio_ray_over_torchrun']:.3f} "
-                f"(target <= 1.05); time to first step ratio: {section['first_step_ratio_ray_over_torchrun']:.2f}."
-            ),
-        ]
-    if "quality" in results:
-        parts += ["", "## Quality on Fashion-MNIST (kNN top-1)", "", quality_table(results["quality"])]
+    sections = {
+        "train_step": train_step_section,
+        "augmentation": augmentation_section,
+        "launchers": launchers_section,
+        "quality": lambda section: ["## Quality on Fashion-MNIST (kNN top-1)", "", quality_table(section)],
+    }
+    for name, render in sections.items():
+        if name in results:
+            parts += ["", *render(results[name])]
     parts += ["", "## Targets", ""] + [f"- {line}" for line in target_lines(results)]
     parts += [f"- section {name} failed: {message.splitlines()[0]}" for name, message in results["errors"].items()]
     parts += [
@@ -190,6 +150,54 @@ def markdown_report(results: dict) -> str:
         "",
     ]
     return "\n".join(parts)
+
+
+def train_step_section(section: dict) -> list[str]:
+    return [
+        "## Training step (the library's TrainingStep with each recipe's optimiser)",
+        "",
+        (
+            "Peak memory: process RSS high-water mark on CPU (includes the Python process), "
+            "torch.cuda.max_memory_allocated on GPU. First step includes compilation."
+        ),
+        "",
+        markdown_table(
+            ["model (views)", "variant", "img/s", "vs eager fp32", "peak MB", "first step s"],
+            train_step_rows(section),
+        ),
+    ]
+
+
+def augmentation_section(section: dict) -> list[str]:
+    rows = [
+        [name, fmt_range(value["img_per_s"]), f"{value['speedup_vs_authors']:.2f}x"]
+        for name, value in section["pipelines"].items()
+    ]
+    return [
+        (
+            f"## Augmentation ({section['views']}, 1 thread, {len(section['images'])} photographs "
+            "as ImageNet-size JPEGs, from encoded bytes)"
+        ),
+        "",
+        markdown_table(["pipeline", "img/s", "vs the authors' pipeline"], rows),
+    ]
+
+
+def launchers_section(section: dict) -> list[str]:
+    rows = [
+        [name, fmt_range(value["step_s"], 3), f"{value['time_to_first_step_s']:.1f}", f"{value['wall_s']:.1f}"]
+        for name, value in section["launchers"].items()
+    ]
+    return [
+        f"## Launchers ({section['workload']})",
+        "",
+        markdown_table(["launcher", "steady step s", "time to first step s", "wall s"], rows),
+        "",
+        (
+            f"Step time ratio Ray / torchrun: {section['step_time_ratio_ray_over_torchrun']:.3f} "
+            f"(target <= 1.05); time to first step ratio: {section['first_step_ratio_ray_over_torchrun']:.2f}."
+        ),
+    ]
 
 
 def quality_table(section: dict) -> str:
@@ -211,7 +219,7 @@ def quality_table(section: dict) -> str:
 
 
 def target_lines(results: dict) -> list[str]:
-    """Each target of issue 7, met or missed and by how much."""
+    """Each benchmark target, met or missed and by how much."""
     lines = []
     for name, workload in results.get("train_step", {}).items():
         speedup = workload["best_speedup_vs_eager"]

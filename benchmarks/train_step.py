@@ -1,31 +1,41 @@
-"""Training-step throughput of TwistForPreTraining: forward + backward + optimiser step, eager fp32 against the
-optimised variants (channels_last, bf16 autocast, torch.compile, fused optimiser), each on a fresh model built
-from the same seed and fed the same synthetic views (the step cost does not depend on pixel values)."""
+"""Training-step throughput of the library's `TrainingStep` (schedule, autocast forward, backward, clipping,
+optimiser step, teacher update) with each model's recipe optimiser: eager fp32 against the optimised variants
+(channels_last, bf16 autocast, torch.compile), each on a fresh model built from the same seed and fed the same
+synthetic views (the step cost does not depend on pixel values)."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from harness import PeakMemory, interleaved_seconds, rates, ratio, summarise, time_repeated
 
-from twist_hf import TwistConfig, TwistForPreTraining
+from twist_hf import TwistForPreTraining
+from twist_hf.training.arguments import PretrainArguments, make_parser, read_recipe
+from twist_hf.training.optim import build_recipe_optimizer, build_schedule
+from twist_hf.training.step import TrainingStep, build_teacher, fresh_accelerator, prepare_for_training
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "configs"
+# Steps per epoch of the synthetic schedule: long enough that every timed step is a phase-1 step.
+SYNTHETIC_STEPS_PER_EPOCH = 10_000
 
 
 @dataclass(frozen=True)
 class Workload:
-    """One model at one crop layout: `batch` images, each giving 2 global views and `num_local` local views."""
+    """One model at one crop layout: `batch` images, each giving 2 global views and `num_local` local views,
+    trained with the optimiser, schedule and teacher of `recipe` (a file in recipes/configs/)."""
 
     name: str
     preset: str
     batch: int
     global_size: int
+    recipe: str
     local_size: int = 0
     num_local: int = 0
-    optim: str = "lars"
-    overrides: tuple = ()
 
     @property
     def is_cnn(self) -> bool:
@@ -38,94 +48,96 @@ class Variant:
     channels_last: bool = False
     bf16: bool = False
     compile: bool = False
-    fused_optim: bool = False
 
 
 EAGER = Variant("eager-fp32")
 
 
 def workloads(size: str) -> list[Workload]:
-    """The models of issue 7; `size` 'full' (CPU defaults), 'quick' (smaller batches) or 'smoke' (tiny)."""
+    """The benchmarked models; `size` 'full' (CPU defaults), 'quick' (smaller batches) or 'smoke' (tiny)."""
     if size == "smoke":
-        return [Workload("tiny-resnet-2x16+2x8", "tiny-resnet", 8, 16, 8, 2)]
+        return [Workload("tiny-resnet-2x16+2x8", "tiny-resnet", 8, 16, "fmnist.yaml", 8, 2)]
     big = 4 if size == "quick" else 8
     return [
-        Workload("fmnist-resnet-2x28+4x14", "fmnist-resnet", 64 if size == "quick" else 128, 28, 14, 4),
-        Workload("resnet50-2x224", "resnet50", big, 224),
-        Workload("vit-s16-2x224", "vit-s16", big, 224, optim="adamw"),
-        Workload("resnet50-2x224+6x96", "resnet50", big, 224, 96, 6),
+        Workload("fmnist-resnet-2x28+4x14", "fmnist-resnet", 64 if size == "quick" else 128, 28, "fmnist.yaml", 14, 4),
+        Workload("resnet50-2x224", "resnet50", big, 224, "imagenet-resnet50-twoview.yaml"),
+        Workload("vit-s16-2x224", "vit-s16", big, 224, "imagenet-vit-s16.yaml"),
+        Workload("resnet50-2x224+6x96", "resnet50", big, 224, "imagenet-resnet50-multicrop.yaml", 96, 6),
     ]
 
 
 def candidate_variants(workload: Workload) -> list[Variant]:
     """Cheap variants tried on every model (compile is added on top of the fastest of these)."""
     if workload.is_cnn:
-        # LARS (the ResNet recipes' optimiser) has no fused or foreach implementation.
         return [
             EAGER,
             Variant("channels_last", channels_last=True),
             Variant("bf16", bf16=True),
             Variant("channels_last+bf16", channels_last=True, bf16=True),
         ]
-    return [
-        EAGER,
-        Variant("fused-adamw", fused_optim=True),
-        Variant("bf16", bf16=True),
-        Variant("bf16+fused-adamw", bf16=True, fused_optim=True),
-    ]
+    return [EAGER, Variant("bf16", bf16=True)]
 
 
 def with_compile(variant: Variant) -> Variant:
     name = "compile" if variant == EAGER else f"{variant.name}+compile"
-    return Variant(name, variant.channels_last, variant.bf16, True, variant.fused_optim)
+    return Variant(name, variant.channels_last, variant.bf16, True)
 
 
-def build_model(workload: Workload) -> TwistForPreTraining:
+def recipe_arguments(workload: Workload, variant: Variant) -> PretrainArguments:
+    """The workload's recipe with its model, batch and the variant's precision, memory format and compilation."""
+    options = {
+        **read_recipe(RECIPES / workload.recipe),
+        "model_preset": workload.preset,
+        "bunch_size": workload.batch,
+        "per_device_train_batch_size": workload.batch,
+        "bf16": variant.bf16,
+        "fp16": False,
+        "channels_last": variant.channels_last,
+        "torch_compile": variant.compile,
+    }
+    return PretrainArguments(*make_parser().parse_dict(options))
+
+
+def recipe_step(args: PretrainArguments, device: torch.device) -> tuple[TrainingStep, TwistForPreTraining]:
+    """The library's training step of the recipe on a fresh seeded model, and that model (unwrapped)."""
+    training = args.training
+    accelerator = fresh_accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if training.bf16 else "no")
     torch.manual_seed(0)
-    config = TwistConfig.from_preset(workload.preset, bunch_size=workload.batch, **dict(workload.overrides))
-    return TwistForPreTraining(config).train()
+    model = TwistForPreTraining(args.model.build_config()).to(accelerator.device).train()
+    schedule = build_schedule(training, SYNTHETIC_STEPS_PER_EPOCH, training.per_device_train_batch_size)
+    optimizer = build_recipe_optimizer(model, training, schedule.lr(0))
+    teacher = build_teacher(model) if training.momentum_teacher else None
+    prepared, optimizer = prepare_for_training(
+        model, optimizer, accelerator, training.channels_last, training.torch_compile
+    )
+    step = TrainingStep(
+        prepared, optimizer, schedule, accelerator, teacher, training.max_grad_norm, training.channels_last
+    )
+    return step, model
 
 
-def build_optimizer(model: torch.nn.Module, workload: Workload, variant: Variant) -> torch.optim.Optimizer:
-    """The recipe's optimiser: LARS for ResNets, AdamW for ViTs (fused kernel or plain for-loop)."""
-    if workload.optim == "lars":
-        from twist_hf.training.optim import LARS, parameter_groups
-
-        return LARS(parameter_groups(model, 1e-6), lr=0.1, weight_decay=1e-6)
-    if variant.fused_optim:
-        return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, foreach=False)
-
-
-def synthetic_views(workload: Workload, device: torch.device, channels_last: bool) -> list[torch.Tensor]:
+def synthetic_views(batch: int, sizes: list[int], device: torch.device, channels_last: bool) -> list[torch.Tensor]:
+    """Seeded random views (batch, 3, size, size) on `device`, one per size."""
     generator = torch.Generator().manual_seed(0)
-    sizes = [workload.global_size] * 2 + [workload.local_size] * workload.num_local
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return [
-        torch.randn(workload.batch, 3, size, size, generator=generator).to(device, memory_format=memory_format)
-        for size in sizes
+        torch.randn(batch, 3, size, size, generator=generator).to(device, memory_format=memory_format) for size in sizes
     ]
 
 
-def make_step(workload: Workload, variant: Variant, device: torch.device):
-    """A closure running one full training step of a fresh model under `variant`."""
-    model = build_model(workload).to(device)
-    if variant.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, workload, variant)
-    forward = torch.compile(model) if variant.compile else model
-    views = synthetic_views(workload, device, variant.channels_last)
+def make_step(workload: Workload, variant: Variant, device: torch.device) -> Callable[[], None]:
+    """A closure running one library training step of a fresh model under `variant`, synchronised."""
+    step, _ = recipe_step(recipe_arguments(workload, variant), device)
+    sizes = [workload.global_size] * 2 + [workload.local_size] * workload.num_local
+    views = synthetic_views(workload.batch, sizes, device, variant.channels_last)
+    counter = itertools.count()
 
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.bf16):
-            loss = forward(views).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def run_one() -> None:
+        step(next(counter), views)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    return step
+    return run_one
 
 
 def warm_up(workload: Workload, variant: Variant, device: torch.device, warmup: int):

@@ -17,7 +17,8 @@ from twist_hf import TwistForPreTraining
 from twist_hf.distributed import bunch_layout
 from twist_hf.training import LaunchError, parse_pretrain_args, validate_before_launch
 from twist_hf.training.arguments import ARGUMENT_CLASSES, read_recipe
-from twist_hf.training.loop import build_schedule, crop_transforms
+from twist_hf.training.data import crop_transforms
+from twist_hf.training.optim import build_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
@@ -83,7 +84,7 @@ def test_every_recipe_parses_and_builds_model_data_and_schedule(recipe):
 
     global_batch = args.training.per_device_train_batch_size * args.launch.num_workers
     steps_per_epoch = (60_000 if args.data.dataset_name == "fashion-mnist" else IMAGENET_TRAIN_IMAGES) // global_batch
-    schedule = build_schedule(args, steps_per_epoch, global_batch)
+    schedule = build_schedule(args.training, steps_per_epoch, global_batch)
     assert schedule.total_steps == round(args.training.num_train_epochs * steps_per_epoch)
     assert schedule.learning_rate == pytest.approx(args.training.learning_rate * global_batch / 256)
     assert schedule.self_label_steps == round(args.training.self_label_epochs * steps_per_epoch)

@@ -73,7 +73,9 @@ def test_two_worker_ray_run_leaves_model_results_log_card_and_checkpoints(two_wo
         path.name for path in output.iterdir()
     }
     log = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in log] == [4, 8, 12, 16, 16]
+    # The recipe's kNN monitor runs after each epoch (step 8) and at the end: the curve has two points.
+    assert [entry["step"] for entry in log] == [4, 8, 8, 12, 16, 16]
+    assert [entry["step"] for entry in log if "knn_top1" in entry] == [8, 16]
     assert log[0]["epoch"] == 0.5  # two workers share each epoch
     assert [path.name for path in ray_checkpoints(output)] == ["checkpoint-000000012", "checkpoint-000000016"]
     assert read_trainer_state(ray_checkpoints(output)[-1])["metrics"]["knn_top1"] == results["knn_top1"]

@@ -235,12 +235,17 @@ def test_two_worker_trials_run_ray_train_inside_each_trial(tmp_path, local_ray):
         num_workers=2,
         resources_per_worker='{"CPU": 0.5}',
         num_train_epochs=1,
+        metric="cluster_acc",
         search_space={"lam2": {"grid": [1.0, 2.0]}},
     )
     outcome = run_sweep(setup)
     trials = read_trials(tmp_path / "sweep")
     assert outcome.unfinished == 0 and list(trials["outcome"]) == ["completed", "completed"]
-    assert trials["knn_top1"].between(0, 1).all()
+    # The head's cluster scores come from the run's cluster monitor, gathered over both workers.
+    assert trials["cluster_acc"].between(0, 1).all() and (trials["cluster_acc"] > 0).all()
+    for trial_dir in map(Path, trials["output_dir"]):
+        results = json.loads((trial_dir / "all_results.json").read_text())
+        assert {"cluster_nmi", "cluster_ami", "cluster_ari", "knn_top1"} <= set(results)
     train_runs = tmp_path / "sweep" / "ray" / "sweep-train-runs"
     assert sorted(path.name for path in train_runs.iterdir()) == sorted(trials["trial_id"])
     for trial_dir in map(Path, trials["output_dir"]):

@@ -17,7 +17,7 @@ from .data import (
     subset_from_file,
     training_augmentation,
 )
-from .features import FeatureModel, FeatureSet, extract_features, load_feature_model
+from .features import FeatureModel, FeatureSet, extract_features, gather_in_order, image_features, load_feature_model
 from .finetune import linear_probe_on_images, load_classifier, semi_supervised_finetune
 from .knn import knn_class_votes, knn_evaluate
 from .linear import StackedLinearProbes, linear_probe_on_features, train_linear_probes
@@ -40,7 +40,9 @@ __all__ = [
     "cluster_figures",
     "cluster_metrics",
     "extract_features",
+    "gather_in_order",
     "hungarian_match",
+    "image_features",
     "knn_class_votes",
     "knn_evaluate",
     "labelled_splits_from",

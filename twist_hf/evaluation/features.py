@@ -1,18 +1,24 @@
 """Frozen-feature extraction for TWIST models and the backbone of any Hugging Face vision model."""
 
+from __future__ import annotations
+
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import PIL.Image
 import torch
 from accelerate import Accelerator
-from datasets import Dataset
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModel, BaseImageProcessor, PreTrainedModel
 
-from .data import ImageClassificationCollator, ProcessorTransform
+from ..transforms import batched_eval_transform
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 TWIST_MODEL_TYPE = "twist"
 
@@ -127,6 +133,8 @@ def extract_features(
 
     Under several Accelerate processes each takes a shard; results are gathered in order, padding dropped.
     """
+    from .data import ImageClassificationCollator, ProcessorTransform
+
     if len(dataset) == 0:
         raise ValueError(f"Cannot extract {description} from an empty dataset; check the split and its size.")
     accelerator = accelerator or Accelerator()
@@ -156,3 +164,65 @@ def _bf16_autocast_on_gpu(device: torch.device) -> contextlib.AbstractContextMan
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def image_features(
+    model: PreTrainedModel | FeatureModel,
+    images: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    *,
+    with_logits: bool = False,
+    batch_size: int = 512,
+    accelerator: Accelerator | None = None,
+) -> FeatureSet:
+    """Features (and head logits) of an in-memory uint8 split (N, H, W) or (N, 3, H, W), resized and normalised
+    as the model's config says, in batches; with an `accelerator`, sharded over its processes and gathered in
+    order. Needs neither `datasets` nor Ray, so benchmarks and the training loop share it."""
+    feature_model = model if isinstance(model, FeatureModel) else FeatureModel(model, trained_head=with_logits)
+    if with_logits and not feature_model.has_head:
+        raise ValueError("with_logits=True needs a TWIST model with a trained head; pass with_logits=False.")
+    processes = accelerator.num_processes if accelerator is not None else 1
+    parts = np.array_split(np.arange(len(images)), processes)
+    mine = parts[accelerator.process_index if accelerator is not None else 0]
+    device = accelerator.device if accelerator is not None else next(feature_model.parameters()).device
+    was_training = feature_model.model.training
+    feature_model.eval()
+    with accelerator.autocast() if accelerator is not None else _bf16_autocast_on_gpu(device):
+        batches = [
+            _batch_outputs(feature_model, torch.as_tensor(images[mine[start : start + batch_size]]), device)
+            for start in range(0, len(mine), batch_size)
+        ]
+    feature_model.train(was_training)
+    sizes = [len(part) for part in parts]
+    outputs = [
+        gather_in_order(_concatenated(batches, index, feature_model, device), sizes, accelerator).cpu()
+        for index in range(2 if with_logits else 1)
+    ]
+    return FeatureSet(outputs[0], outputs[1] if with_logits else None, torch.tensor(np.asarray(labels)))
+
+
+def _batch_outputs(model: FeatureModel, images: torch.Tensor, device: torch.device) -> tuple:
+    """(features, logits or None) of one uint8 batch, in float32."""
+    config = model.model.config
+    pixels = batched_eval_transform(images.to(device), config.image_size, config.image_mean, config.image_std)
+    features, logits = model(pixels)
+    return features.float(), (logits.float() if logits is not None else None)
+
+
+def _concatenated(batches: list[tuple], index: int, model: FeatureModel, device: torch.device) -> torch.Tensor:
+    """One output (0: features, 1: logits) of every batch in order; an empty (0, width) tensor for an empty shard."""
+    if batches:
+        return torch.cat([batch[index] for batch in batches])
+    width = model.model.feature_size if index == 0 else model.model.config.num_classes
+    return torch.zeros(0, width, device=device)
+
+
+def gather_in_order(local: torch.Tensor, sizes: list[int], accelerator: Accelerator | None) -> torch.Tensor:
+    """Concatenate each process's rows in process order (a process may hold one row more than others)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return local
+    padded = torch.zeros(max(sizes), *local.shape[1:], device=local.device, dtype=local.dtype)
+    padded[: local.shape[0]] = local
+    gathered = accelerator.gather(padded).view(len(sizes), max(sizes), *local.shape[1:])
+    return torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)])

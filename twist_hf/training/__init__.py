@@ -1,4 +1,9 @@
-"""Pretraining engine: typed arguments, the per-worker Accelerate loop, and its launchers."""
+"""Pretraining engine: typed arguments, the per-worker Accelerate run, its training step, and its launchers.
+
+The run's names are imported on first use, so that `twist_hf.training.step` (what the GPU benchmark times)
+loads without `datasets` or Ray installed."""
+
+from importlib import import_module
 
 from .arguments import (
     DataArguments,
@@ -9,7 +14,15 @@ from .arguments import (
     parse_pretrain_args,
 )
 from .launch import LaunchError, launch, validate_before_launch
-from .loop import LocalReporter, Reporter, train_worker
+from .step import TrainingDivergedError, TrainingStep
+
+_RUN_NAMES = {
+    "LocalReporter": "loop",
+    "PretrainingRun": "loop",
+    "Reporter": "loop",
+    "train_worker": "loop",
+    "Monitor": "monitors",
+}
 
 __all__ = [
     "DataArguments",
@@ -21,7 +34,13 @@ __all__ = [
     "LaunchError",
     "launch",
     "validate_before_launch",
-    "LocalReporter",
-    "Reporter",
-    "train_worker",
+    "TrainingDivergedError",
+    "TrainingStep",
+    *_RUN_NAMES,
 ]
+
+
+def __getattr__(name: str):
+    if name not in _RUN_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_RUN_NAMES[name]}", __name__), name)

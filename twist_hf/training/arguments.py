@@ -178,6 +178,10 @@ class TwistTrainingArguments:
     eval_strategy: str = field(default="no", metadata={"help": "'epoch': kNN on the eval split every epoch."})
     knn_k: int = field(default=20, metadata={"help": "Neighbours of the kNN monitor."})
     knn_temperature: float = field(default=0.07, metadata={"help": "Temperature of the kNN vote weights."})
+    cluster_monitor: bool = field(
+        default=False,
+        metadata={"help": "Also score the head's argmax as a clustering of the eval split (cluster_nmi/acc/ami/ari)."},
+    )
     report_to: list[str] = field(
         default_factory=lambda: ["tensorboard"],
         metadata={"help": "Accelerate trackers ('tensorboard', 'wandb', ...) or 'none'."},

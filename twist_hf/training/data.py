@@ -1,5 +1,6 @@
-"""Training and monitoring data for the per-worker loop: the augmented views of each step, and the
-labelled in-memory splits of the kNN monitor. Built on `twist_hf.data` and `twist_hf.transforms`."""
+"""Training and monitoring data for the per-worker loop: the augmented views of each step (and how the run's
+arguments build them), and the labelled in-memory splits of the monitors. Built on `twist_hf.data` and
+`twist_hf.transforms`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..configuration_twist import TwistConfig
 from ..data import (
     FASHION_MNIST_ROOT,
     DecodedImageDataset,
@@ -27,8 +29,8 @@ from ..data import (
     load_image_dataset,
     shuffled_shard_for_epoch,
 )
-from ..transforms import BatchedMultiCrop, MultiCropTransform
-from .arguments import DataArguments
+from ..transforms import BatchedMultiCrop, MultiCropTransform, self_labeling_crop_scales
+from .arguments import DataArguments, PretrainArguments
 
 
 @dataclass
@@ -119,9 +121,17 @@ class BatchedViews:
                 f"{world_size} workers; lower per_device_train_batch_size or use more data."
             )
 
-    def epoch(self, epoch: int, skip_steps: int = 0) -> Iterator[list[torch.Tensor]]:
-        """The views of each step; each step's augmentation is seeded by (seed, rank, epoch, step), so a run
-        resumed mid-epoch draws the same crops as an uninterrupted one."""
+    def epoch(
+        self,
+        epoch: int,
+        skip_steps: int = 0,
+        transform: BatchedMultiCrop | None = None,
+        stop_step: int | None = None,
+    ) -> Iterator[list[torch.Tensor]]:
+        """The views of steps [skip_steps, stop_step) of the epoch, made by `transform` (default: the views' own);
+        each step's augmentation is seeded by (seed, rank, epoch, step), so a run resumed mid-epoch draws the same
+        crops as an uninterrupted one."""
+        transform = transform or self.transform
         epoch_stream = epoch_seed(self.seed + 7919 * self.rank, epoch)
         batches = in_memory_batches(
             self.split.images,
@@ -132,8 +142,9 @@ class BatchedViews:
             seed=self.seed,
             epoch=epoch,
         )
-        for step, (images, _) in enumerate(itertools.islice(batches, skip_steps, None), start=skip_steps):
-            yield self.transform(images, generator=torch.Generator().manual_seed(epoch_seed(epoch_stream, step)))
+        stop = self.steps_per_epoch if stop_step is None else min(stop_step, self.steps_per_epoch)
+        for step, (images, _) in enumerate(itertools.islice(batches, skip_steps, stop), start=skip_steps):
+            yield transform(images, generator=torch.Generator().manual_seed(epoch_seed(epoch_stream, step)))
 
 
 class PerImageViews:
@@ -168,10 +179,10 @@ class PerImageViews:
             if self.steps_per_epoch == 0:
                 raise ValueError(f"The training split has too few images for one batch of {batch_size} per worker.")
 
-    def _loader(self, epoch: int) -> DataLoader:
+    def _loader(self, epoch: int, transform: MultiCropTransform) -> DataLoader:
         shard = shuffled_shard_for_epoch(self.dataset, self.rank, self.world_size, self.seed, epoch)
         wrapper = DecodedIterableImageDataset if self.data_args.streaming else DecodedImageDataset
-        torch_dataset = wrapper(shard, self.transform, self.data_args.image_column, self.data_args.label_column)
+        torch_dataset = wrapper(shard, transform, self.data_args.image_column, self.data_args.label_column)
         return DataLoader(
             torch_dataset,
             batch_size=self.batch_size,
@@ -181,17 +192,25 @@ class PerImageViews:
             drop_last=True,
         )
 
-    def _batches(self, epoch: int) -> Iterator[dict]:
+    def _batches(self, epoch: int, transform: MultiCropTransform) -> Iterator[dict]:
         """The epoch's batches; a stream restarts (re-shuffled) when it runs out before the epoch's steps."""
-        yield from self._loader(epoch)
+        yield from self._loader(epoch, transform)
         restart = epoch
         while self.data_args.streaming:
             restart += 10_000
-            yield from self._loader(restart)
+            yield from self._loader(restart, transform)
 
-    def epoch(self, epoch: int, skip_steps: int = 0) -> Iterator[list[torch.Tensor]]:
-        good = (self._count_skipped_and_fill(batch) for batch in self._batches(epoch))
-        yield from itertools.islice((views for views in good if views is not None), skip_steps, self.steps_per_epoch)
+    def epoch(
+        self,
+        epoch: int,
+        skip_steps: int = 0,
+        transform: MultiCropTransform | None = None,
+        stop_step: int | None = None,
+    ) -> Iterator[list[torch.Tensor]]:
+        """The views of steps [skip_steps, stop_step) of the epoch, made by `transform` (default: the views' own)."""
+        stop = self.steps_per_epoch if stop_step is None else min(stop_step, self.steps_per_epoch)
+        good = (self._count_skipped_and_fill(batch) for batch in self._batches(epoch, transform or self.transform))
+        yield from itertools.islice((views for views in good if views is not None), skip_steps, stop)
 
     def _count_skipped_and_fill(self, batch: dict) -> list[torch.Tensor] | None:
         self.skipped.merge(batch["skipped"])
@@ -206,3 +225,53 @@ def fill_batch(views: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]
         return views
     repeat = torch.arange(missing) % views[0].shape[0]
     return [torch.cat([view, view[repeat]]) for view in views]
+
+
+def crop_transforms(
+    args: PretrainArguments, config: TwistConfig, self_labeling: bool, batched: bool
+) -> BatchedMultiCrop | MultiCropTransform:
+    """The multi-crop transform of the phase: the recipe's crops, harder in the self-labeling phase."""
+    data = args.data
+    scales = (
+        self_labeling_crop_scales()
+        if self_labeling
+        else {"global_scale": tuple(data.global_crop_scale), "local_scale": tuple(data.local_crop_scale)}
+    )
+    common = {
+        "global_size": data.global_crop_size or config.image_size,
+        "local_size": data.local_crop_size,
+        "num_local_crops": data.num_local_crops,
+        "mean": config.image_mean,
+        "std": config.image_std,
+        **scales,
+    }
+    if batched:
+        return BatchedMultiCrop(**common, seed=args.training.seed)
+    return MultiCropTransform(**common)
+
+
+def build_train_views(
+    args: PretrainArguments, config: TwistConfig, rank: int, world_size: int
+) -> BatchedViews | PerImageViews:
+    """This rank's training views with the phase-1 crops: in memory (batched backend) or per image."""
+    training, data = args.training, args.data
+    batched = data.augmentation_backend == "batched"
+    transform = crop_transforms(args, config, self_labeling=False, batched=batched)
+    if batched:
+        skipped = SkippedImageCounter()
+        split = load_split(
+            data, data.train_split, config.image_size, counter=skipped, max_samples=data.max_train_samples
+        )
+        return BatchedViews(
+            split, transform, training.per_device_train_batch_size, rank, world_size, training.seed, skipped
+        )
+    return PerImageViews(
+        data,
+        transform,
+        training.per_device_train_batch_size,
+        rank,
+        world_size,
+        training.seed,
+        training.max_steps if training.max_steps > 0 else None,
+        pin_memory=args.launch.use_gpu,
+    )

@@ -17,8 +17,9 @@ from ..distributed import bunch_layout
 from ..hub import require_hub_token
 from ..outputs import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, LOG_FILE, MODEL_DIR, RAY_STORAGE_DIR, RESULTS_FILE
 from .arguments import PretrainArguments, arguments_from_dict
-from .data import check_dataset
-from .loop import LocalReporter, train_worker
+
+# The run (`.loop`) and the data checks (`.data`) are imported where they are used: they load `datasets`, which
+# `import twist_hf.training` must not need (the GPU benchmark imports `twist_hf.training.step` without it).
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ def world_size_for(args: PretrainArguments) -> int:
 
 def validate_before_launch(args: PretrainArguments) -> None:
     """Everything that can be checked without training: config, batch/bunch layout, data, output, Hub."""
+    from .data import check_dataset
+
     config = args.model.build_config()
     _check_bunch(config, args.training.per_device_train_batch_size, world_size_for(args))
     check_dataset(args.data, need_labels=bool(args.data.eval_split))
@@ -77,6 +80,8 @@ def _check_hub_token(args: PretrainArguments) -> None:
 
 def run_local(args: PretrainArguments) -> dict:
     """The loop in this process (one process, or each process of `accelerate launch`)."""
+    from .loop import LocalReporter, train_worker
+
     return train_worker(args, LocalReporter(args.training.output_dir, args.training.save_total_limit))
 
 
@@ -99,6 +104,8 @@ class RayReporter:
 
 def ray_train_loop(loop_config: dict) -> None:
     """What each Ray Train worker runs."""
+    from .loop import train_worker
+
     args = arguments_from_dict(loop_config["args"])
     set_worker_threads(args)
     train_worker(args, RayReporter())
@@ -219,6 +226,7 @@ def launch(args: PretrainArguments) -> dict:
 
 def summary_lines(args: PretrainArguments, metrics: dict) -> list[str]:
     """What a user needs after a run: the numbers and where each output is."""
+
     output = Path(args.training.output_dir).resolve()
     lines = [
         f"Model (AutoModel.from_pretrained): {output}",

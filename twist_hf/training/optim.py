@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .arguments import TwistTrainingArguments
 
 # Parameters never decayed nor LARS-adapted besides biases and 1-D tensors (ViT position embedding, CLS token).
 _NO_DECAY_NAMES = ("pos_embed", "cls_token", "position_embeddings")
@@ -93,6 +97,19 @@ def build_optimizer(
     raise ValueError(f"Unknown optimizer {name!r}; choose 'lars', 'adamw' or 'sgd'.")
 
 
+def build_recipe_optimizer(model: nn.Module, training: TwistTrainingArguments, lr: float) -> torch.optim.Optimizer:
+    """`build_optimizer` with the optimiser settings of the training arguments (the run's and benchmarks' one)."""
+    return build_optimizer(
+        model,
+        training.optim,
+        lr,
+        training.weight_decay,
+        training.momentum,
+        training.lars_eta,
+        (training.adam_beta1, training.adam_beta2),
+    )
+
+
 def cosine(start: float, end: float, progress: float) -> float:
     """Cosine interpolation from `start` (progress 0) to `end` (progress 1)."""
     progress = min(max(progress, 0.0), 1.0)
@@ -169,3 +186,42 @@ def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: fl
         group["lr"] = lr
         if group.get("decay", True):
             group["weight_decay"] = weight_decay
+
+
+def build_schedule(training: TwistTrainingArguments, steps_per_epoch: int, global_batch: int) -> TrainingSchedule:
+    """The run's schedule in steps: epochs converted, the learning rates scaled by global batch / 256 if asked."""
+    scale = global_batch / 256 if training.scale_lr_by_batch else 1.0
+    total = (
+        training.max_steps
+        if training.max_steps > 0
+        else max(1, int(round(training.num_train_epochs * steps_per_epoch)))
+    )
+    self_label_steps = int(round(training.self_label_epochs * steps_per_epoch))
+    phase1 = total - self_label_steps
+    return TrainingSchedule(
+        total_steps=total,
+        self_label_steps=self_label_steps,
+        warmup_steps=min(_warmup_steps(training, total, phase1, steps_per_epoch), max(phase1 - 1, 0)),
+        self_label_warmup_steps=min(
+            int(round(training.self_label_warmup_epochs * steps_per_epoch)), max(self_label_steps - 1, 0)
+        ),
+        learning_rate=training.learning_rate * scale,
+        self_label_learning_rate=training.self_label_learning_rate * scale,
+        min_lr_ratio=training.min_lr_ratio,
+        weight_decay=training.weight_decay,
+        weight_decay_end=training.weight_decay_end if training.weight_decay_end is not None else training.weight_decay,
+        teacher_momentum=training.teacher_momentum,
+        self_label_quantile=tuple(training.self_label_quantile),
+    )
+
+
+def _warmup_steps(training: TwistTrainingArguments, total: int, phase1: int, steps_per_epoch: int) -> int:
+    """warmup_steps, else warmup_ratio of all steps, else warmup_epochs (default: by phase-1 length)."""
+    if training.warmup_steps > 0:
+        return training.warmup_steps
+    if training.warmup_ratio > 0:
+        return int(training.warmup_ratio * total)
+    epochs = training.warmup_epochs
+    if epochs is None:
+        epochs = default_warmup_epochs(phase1 / steps_per_epoch)
+    return int(round(epochs * steps_per_epoch))

@@ -1,0 +1,111 @@
+"""One optimisation step of TWIST pretraining, the unit that `PretrainingRun` repeats and that the benchmarks
+time: this step's schedule values, autocast forward (with the momentum teacher's targets), a finite-loss check,
+backward, gradient clipping, the optimiser step and the teacher update. Needs neither Ray nor `datasets`."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from torch import nn
+
+from ..modeling_twist import TwistForPreTraining, TwistForPreTrainingOutput
+from .optim import TrainingSchedule, apply_schedule
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss stopped being finite; the last good checkpoint is kept."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"The loss became {loss} at step {step}")
+        self.step, self.loss = step, loss
+
+
+def fresh_accelerator(**options) -> Accelerator:
+    """A new Accelerator. Accelerate keeps one process-wide state and refuses a second run with another precision
+    in the same process (notebooks, sweeps, tests, benchmarks); the run-level part of that state is reset here,
+    the process group part is kept."""
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(**options)
+
+
+def prepare_for_training(
+    model: TwistForPreTraining,
+    optimizer: torch.optim.Optimizer,
+    accelerator: Accelerator,
+    channels_last: bool,
+    compile_model: bool,
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The student in its memory format, wrapped by Accelerate (DDP over several processes), compiled if asked."""
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    return (torch.compile(prepared) if compile_model else prepared), optimizer
+
+
+def build_teacher(model: TwistForPreTraining) -> TwistForPreTraining:
+    """A frozen copy of the student, moved by `update_teacher` after each step."""
+    teacher = copy.deepcopy(model)
+    teacher.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """EMA of the student's parameters; buffers (batch-norm statistics) are copied."""
+    for t_param, s_param in zip(teacher.parameters(), student.parameters()):
+        t_param.mul_(momentum).add_(s_param.detach(), alpha=1 - momentum)
+    for t_buffer, s_buffer in zip(teacher.buffers(), student.buffers()):
+        t_buffer.copy_(s_buffer)
+
+
+class TrainingStep:
+    """One step of the recipe on an Accelerate-prepared (possibly compiled) model and optimiser.
+
+    `accelerator` sets the precision (its autocast) and the device; `channels_last` the views' memory format.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: TrainingSchedule,
+        accelerator: Accelerator,
+        teacher: TwistForPreTraining | None = None,
+        max_grad_norm: float = 0.0,
+        channels_last: bool = False,
+    ):
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.accelerator, self.teacher, self.max_grad_norm = accelerator, teacher, max_grad_norm
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, step: int, views: list[torch.Tensor]) -> TwistForPreTrainingOutput:
+        """Train on one batch of views at global step `step`; raises `TrainingDivergedError` on a non-finite loss
+        before it touches the weights."""
+        apply_schedule(self.optimizer, self.schedule.lr(step), self.schedule.weight_decay_at(step))
+        device = self.accelerator.device
+        views = [view.to(device, non_blocking=True, memory_format=self.memory_format) for view in views]
+        output = self._forward(step, views)
+        if not torch.isfinite(output.loss):
+            raise TrainingDivergedError(step, output.loss.item())
+        self.accelerator.backward(output.loss)
+        if self.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.teacher is not None:
+            student = self.accelerator.unwrap_model(self.model)
+            update_teacher(self.teacher, student, self.schedule.teacher_momentum_at(step))
+        return output
+
+    def _forward(self, step: int, views: list[torch.Tensor]) -> TwistForPreTrainingOutput:
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad(), self.accelerator.autocast():
+                teacher_logits = self.teacher(views[:2], return_loss=False).logits
+        with self.accelerator.autocast():
+            return self.model(
+                views, teacher_logits=teacher_logits, self_label_quantile=self.schedule.self_label_quantile_at(step)
+            )
