@@ -7,9 +7,10 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 from local_cluster import BUCKET, Driver, LocalCluster, S3Server
-from tiny_run import tiny_run_args
+from tiny_run import ROOT, tiny_run_args
 from transformers import AutoModel
 
 from twist_hf.training.launch import _ensure_output_folder
@@ -17,6 +18,7 @@ from twist_hf.training.launch import _ensure_output_folder
 pytestmark = pytest.mark.slow
 
 CPUS_PER_NODE = 2
+SWEEP_SCRIPT = ROOT / "tune" / "sweep.py"
 TINY = tiny_run_args(num_workers=2, bunch_size=64, save_strategy="steps", save_steps=4, eval_split="")
 
 
@@ -90,6 +92,26 @@ def test_spread_run_keeps_checkpoints_in_s3_and_a_new_driver_resumes_from_the_bu
     final = next(key for key in s3.keys("runs/") if key.endswith("checkpoint-000000016/trainer_state.json"))
     _ensure_output_folder(SimpleNamespace(checkpoint=Checkpoint(f"s3://{BUCKET}/{Path(final).parent}")), elsewhere)
     assert AutoModel.from_pretrained(elsewhere).config.num_classes == 16
+
+
+def test_sweep_spreads_each_trials_workers_over_nodes_and_resumes_from_the_bucket(cluster, s3, tmp_path):
+    sweep = [
+        *tiny_run_args(num_workers=2, bunch_size=64, max_train_samples=256, num_train_epochs=1),
+        *("--search_space", '{"tau": {"grid": [0.3]}}', "--scheduler", "fifo", "--num_samples", "1"),
+        *("--placement_strategy", "SPREAD", "--storage_path", f"s3://{BUCKET}/sweeps", "--sweep_name", "tiny"),
+        *("--output_dir", str(tmp_path / "sweep"), "--ray_address", cluster.address, "--ray_dashboard", "false"),
+    ]
+    first = Driver(sweep, script=SWEEP_SCRIPT)
+    assert first.wait(300) == 0, first.output[-4000:]
+    (_, ranks), *_ = first.placements()
+    assert len(set(ranks.values())) == 2
+    assert "sweeps/tiny/tuner.pkl" in s3.keys("sweeps/tiny/")
+    assert stored_checkpoints(s3, "sweeps/tiny-train-runs/")  # the trial's Ray Train run checkpoints in the bucket
+
+    resumed = Driver([*sweep, "--resume"], script=SWEEP_SCRIPT)
+    assert resumed.wait(300) == 0, resumed.output[-4000:]
+    assert "Restoring the sweep at s3://" in resumed.output
+    assert list(pd.read_csv(tmp_path / "sweep" / "trials.csv")["outcome"]) == ["completed"]
 
 
 def test_a_killed_node_costs_at_most_one_checkpoint_interval(cluster, s3, tmp_path):
