@@ -3,6 +3,7 @@ two 2-CPU nodes) with checkpoints in a real S3 API server (moto, over HTTP): pla
 as the only storage, a resume from the bucket by a new driver, and a whole node killed mid-run."""
 
 import json
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +15,9 @@ from tiny_run import ROOT, tiny_run_args
 from transformers import AutoModel
 
 from twist_hf.training.launch import _ensure_output_folder
+
+sys.path.insert(0, str(ROOT / "recipes"))
+from pretrain import main
 
 pytestmark = pytest.mark.slow
 
@@ -123,9 +127,10 @@ def test_a_killed_node_costs_at_most_one_checkpoint_interval(cluster, s3, tmp_pa
     )
     killed_at, checkpoint_step = kill_the_workers_node(cluster, driver, output)
     assert driver.wait(300) == 0, driver.output[-4000:]
-    (_, before), (restarted_at, after) = driver.placements()
-    assert set(before.values()).isdisjoint(after.values())
-    print(f"node killed -> workers running again: {restarted_at - killed_at:.1f} s")
+    placements = driver.placements()
+    (_, before), (restarted_at, after) = placements[0], next(found for found in placements if found[0] > killed_at)
+    assert set(before.values()).isdisjoint(after.values()), placements
+    print(f"node killed -> workers running again: {restarted_at - killed_at:.1f} s; placements: {placements}")
 
     log = log_entries(output)
     restarts = [index for index, entry in enumerate(log) if "resumed_from_step" in entry]
@@ -152,3 +157,17 @@ def kill_the_workers_node(cluster, driver: Driver, output: Path, timeout: float 
             return time.monotonic(), step
         time.sleep(0.05)
     raise AssertionError(f"no checkpoint was registered in {timeout} s:\n{driver.output[-3000:]}")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--storage_path", "s3://no-such-bucket/runs"], "the bucket 'no-such-bucket' does not exist; create it"),
+        (["--placement_strategy", "DIAGONAL"], "placement_strategy must be one of 'PACK', 'SPREAD'"),
+        (["--storage_path", f"s3://{BUCKET}/empty", "--resume_from_checkpoint", "latest"], "no checkpoint of a run"),
+    ],
+)
+def test_bad_cluster_options_fail_before_any_worker_starts(s3, tmp_path, capsys, options, message):
+    assert main([*TINY, "--output_dir", str(tmp_path / "run"), "--ray_dashboard", "false", *options]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "log.jsonl").exists()

@@ -60,6 +60,7 @@ def validate_before_launch(args: PretrainArguments) -> None:
             check_storage_reachable(args.launch.storage_path)
         except StorageError as error:
             raise LaunchError(str(error)) from error
+        stored_resume_checkpoint(args)  # `latest` with nothing in the bucket fails here
 
 
 def _check_bunch(config, batch: int, world: int) -> None:
