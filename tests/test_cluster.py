@@ -102,6 +102,7 @@ def test_sweep_spreads_each_trials_workers_over_nodes_and_resumes_from_the_bucke
     sweep = [
         *tiny_run_args(num_workers=2, bunch_size=64, max_train_samples=256, num_train_epochs=1),
         *("--search_space", '{"tau": {"grid": [0.3]}}', "--scheduler", "fifo", "--num_samples", "1"),
+        *("--max_concurrent_trials", "1"),
         *("--placement_strategy", "SPREAD", "--storage_path", f"s3://{BUCKET}/sweeps", "--sweep_name", "tiny"),
         *("--output_dir", str(tmp_path / "sweep"), "--ray_address", cluster.address, "--ray_dashboard", "false"),
     ]
