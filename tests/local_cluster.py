@@ -94,7 +94,12 @@ class LocalCluster:
         self.cpus_per_node = cpus_per_node
         self.cluster = Cluster(
             initialize_head=True,
-            head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": FAST_NODE_DEATH},
+            head_node_args={
+                "num_cpus": 0,
+                "include_dashboard": False,
+                "dashboard_port": free_port(),
+                "_system_config": FAST_NODE_DEATH,
+            },
         )
         for _ in range(worker_nodes):
             self.add_node()
