@@ -187,16 +187,19 @@ def _package_location() -> str:
 
 
 def check_nodes_import_package(args: PretrainArguments) -> None:
-    """A tiny task on every alive node that could host a worker imports twist_hf: a node without the package
-    (or with another Python) fails here, before the run, instead of as a worker crash loop."""
+    """A tiny task on every other alive node that could host a worker imports twist_hf: a node without the
+    package (or with another Python) fails here, before the run, instead of as a worker crash loop. The driver's
+    own node has just imported it."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    needed = worker_resources(args)
+    needed, driver_node = worker_resources(args), ray.get_runtime_context().get_node_id()
     nodes = [
         node
         for node in ray.nodes()
-        if node["Alive"] and all(node["Resources"].get(name, 0) >= amount for name, amount in needed.items())
+        if node["Alive"]
+        and node["NodeID"] != driver_node
+        and all(node["Resources"].get(name, 0) >= amount for name, amount in needed.items())
     ]
     probe = ray.remote(num_cpus=0, max_retries=0)(_package_location)
     pending = {

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..training.arguments import PretrainArguments
-from ..training.launch import start_ray, validate_before_launch, worker_resources
+from ..training.launch import check_nodes_import_package, start_ray, validate_before_launch, worker_resources
 from ..training.storage import is_remote, open_storage
 from .arguments import SweepSetup
 from .results import BEST_CONFIG, PLOT_FILE, plain, plot_metric, trials_table, write_best_config, write_tables
@@ -270,6 +270,7 @@ def run_sweep(setup: SweepSetup) -> SweepOutcome:
         concurrency = concurrent_trials(
             setup.sweep.max_concurrent_trials, trial_resources(setup.base), ray.cluster_resources()
         )
+        check_nodes_import_package(setup.base)
         plan.output_dir.mkdir(parents=True, exist_ok=True)
         result_grid = _tuner(plan, concurrency).fit()
     finally:
