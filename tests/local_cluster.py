@@ -163,7 +163,7 @@ class Driver:
         return "\n".join(line for _, line in self.lines)
 
     def placements(self) -> list[tuple[float, dict[int, str]]]:
-        """(time, {rank: node id}) for each start of the worker group, from rank 0's placement line."""
+        """(time, {rank: node id}) for each start of the worker group, from rank 0's placement log line."""
         return [
             (arrived, {int(rank): node for rank, node in PLACEMENT.findall(line)})
             for arrived, line in self.lines

@@ -136,7 +136,8 @@ def ray_train_loop(loop_config: dict) -> None:
 
 
 def worker_placement() -> list[str]:
-    """Every rank's Ray node ("<ip> <node id>"), in rank order; rank 0 prints them (the driver shows it)."""
+    """Every rank's Ray node ("<ip> <node id>"), in rank order; rank 0 logs them (Ray Train forwards worker
+    logs to the driver's output)."""
     import ray
     import ray.train
     import torch.distributed as dist
@@ -149,7 +150,7 @@ def worker_placement() -> list[str]:
         placement = [None] * dist.get_world_size()
         dist.all_gather_object(placement, here)
     if ray.train.get_context().get_world_rank() == 0:
-        print("; ".join(f"rank {rank} runs on node {node}" for rank, node in enumerate(placement)), flush=True)
+        logger.info("; ".join(f"rank {rank} runs on node {node}" for rank, node in enumerate(placement)))
     return placement
 
 
