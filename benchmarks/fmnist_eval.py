@@ -242,7 +242,7 @@ def finetune_metrics(
     settings: BenchmarkSettings,
     accelerator: Accelerator,
 ) -> dict[str, float]:
-    """The semi-supervised recipe of docs/method.md §7.1 on in-memory images: backbone + new classifier, top-1/5 on test.
+    """The semi-supervised recipe (docs/method.md §7.1) on in-memory images: backbone + classifier, top-1/5 on test.
 
     Epochs and backbone lr follow the paper's recipe for the fraction (20 epochs, 0.04 / 0.02), head lr 0.2,
     both per 256 images; augmentation is a batched random crop + flip.

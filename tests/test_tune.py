@@ -265,7 +265,7 @@ EPOCHS_TO_INTERRUPT = 8
 def test_interrupted_sweep_resumes_from_trial_checkpoints(tmp_path, local_ray):
     setup = sweep_setup(tmp_path, num_train_epochs=EPOCHS_TO_INTERRUPT)
     plan = plan_sweep(setup)
-    interrupt_after_first_checkpoint(plan.experiment_path, trials=2)
+    interrupt_after_first_checkpoint(Path(plan.experiment_path), trials=2)
     first = run_sweep(sweep_setup(tmp_path, num_train_epochs=EPOCHS_TO_INTERRUPT))
     assert first.unfinished >= 1
 

@@ -22,6 +22,7 @@ AUGMENTATION_BACKENDS = ("batched", "per_image")
 SAVE_STRATEGIES = ("steps", "epoch", "no")
 EVAL_STRATEGIES = ("no", "epoch")
 LAUNCHERS = ("ray", "local")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass
@@ -240,6 +241,13 @@ class LaunchArguments:
         metadata={"help": "Ray checkpoint storage: a folder or pyarrow URI (s3://, gs://); default <output_dir>/ray."},
     )
     max_failures: int = field(default=3, metadata={"help": "Worker failures to recover from (-1: no limit)."})
+    placement_strategy: str = field(
+        default="PACK",
+        metadata={
+            "help": "How Ray places the workers on the cluster's nodes: 'PACK' (fill nodes first), 'SPREAD' (one "
+            "per node where possible), or the STRICT_ variants (fail instead of bending the rule)."
+        },
+    )
     ray_address: str | None = field(
         default=None, metadata={"help": "Cluster to join; default $RAY_ADDRESS or a new local instance."}
     )
@@ -253,6 +261,7 @@ class LaunchArguments:
 
     def __post_init__(self):
         check_choice("launcher", self.launcher, LAUNCHERS)
+        check_choice("placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
         if isinstance(self.resources_per_worker, str):
             try:
                 self.resources_per_worker = json.loads(self.resources_per_worker)

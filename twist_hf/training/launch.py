@@ -17,6 +17,7 @@ from ..distributed import bunch_layout
 from ..hub import require_hub_token
 from ..outputs import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, LOG_FILE, MODEL_DIR, RAY_STORAGE_DIR, RESULTS_FILE
 from .arguments import PretrainArguments, arguments_from_dict
+from .storage import StorageError, check_storage_reachable, find_latest_stored_checkpoint, is_remote
 
 # The run (`.loop`) and the data checks (`.data`) are imported where they are used: they load `datasets`, which
 # `import twist_hf.training` must not need (the GPU benchmark imports `twist_hf.training.step` without it).
@@ -25,7 +26,15 @@ logger = logging.getLogger(__name__)
 
 # Measured with Ray 2.60: a 0.5 s controller poll resumes from the newest checkpoint after a worker dies and
 # cuts the cost of a report from ~1.3 s to ~30 ms; a collective timeout turns a mistaken barrier into an error.
-RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_COLLECTIVE_TIMEOUT_S": "900"}
+# A worker group that cannot start within 30 s (e.g. its node just died and Ray still counts it alive) is torn
+# down and started again at once, instead of after Ray's default 60 s.
+RAY_TRAIN_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_COLLECTIVE_TIMEOUT_S": "900",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30",
+}
+# How long the per-node checks may take before the cluster is called unusable.
+NODE_CHECK_TIMEOUT_S = 120
 
 
 class LaunchError(ValueError):
@@ -50,6 +59,12 @@ def validate_before_launch(args: PretrainArguments) -> None:
         _check_hub_token(args)
     if args.launch.use_gpu and args.launch.launcher == "local" and not torch.cuda.is_available():
         raise LaunchError("--use_gpu was given but this machine has no CUDA device.")
+    if args.launch.launcher == "ray" and is_remote(args.launch.storage_path):
+        try:
+            check_storage_reachable(args.launch.storage_path)
+        except StorageError as error:
+            raise LaunchError(str(error)) from error
+        stored_resume_checkpoint(args)  # `latest` with nothing in the bucket fails here
 
 
 def _check_bunch(config, batch: int, world: int) -> None:
@@ -86,11 +101,17 @@ def run_local(args: PretrainArguments) -> dict:
 
 
 class RayReporter:
-    """Metrics and checkpoints through `ray.train.report` (a barrier: every rank calls it)."""
+    """Metrics and checkpoints through `ray.train.report` (a barrier: every rank calls it). Every report says on
+    how many nodes the workers run; `initial_checkpoint` (a storage URI) is where a fresh run resumes from."""
+
+    def __init__(self, num_nodes: int = 1, initial_checkpoint: str | None = None):
+        self.num_nodes = num_nodes
+        self.initial_checkpoint = initial_checkpoint
 
     def report(self, metrics: dict, checkpoint: Path | None) -> None:
         import ray.train
 
+        metrics = {**metrics, "num_nodes": self.num_nodes}
         ray_checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
         name = f"{CHECKPOINT_PREFIX}{metrics['global_step']:09d}" if checkpoint is not None else None
         ray.train.report(metrics, checkpoint=ray_checkpoint, checkpoint_dir_name=name)
@@ -99,6 +120,8 @@ class RayReporter:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and self.initial_checkpoint is not None:
+            checkpoint = ray.train.Checkpoint(self.initial_checkpoint)
         return Path(checkpoint.to_directory()) if checkpoint is not None else None
 
 
@@ -108,7 +131,27 @@ def ray_train_loop(loop_config: dict) -> None:
 
     args = arguments_from_dict(loop_config["args"])
     set_worker_threads(args)
-    train_worker(args, RayReporter())
+    placement = worker_placement()
+    train_worker(args, RayReporter(len(set(placement)), loop_config.get("initial_checkpoint")))
+
+
+def worker_placement() -> list[str]:
+    """Every rank's Ray node ("<ip> <node id>"), in rank order; rank 0 logs them (Ray Train forwards worker
+    logs to the driver's output)."""
+    import ray
+    import ray.train
+    import torch.distributed as dist
+
+    context = ray.get_runtime_context()
+    here = f"{ray.util.get_node_ip_address()} {context.get_node_id()[:12]}"
+    if not (dist.is_available() and dist.is_initialized()):
+        placement = [here]
+    else:
+        placement = [None] * dist.get_world_size()
+        dist.all_gather_object(placement, here)
+    if ray.train.get_context().get_world_rank() == 0:
+        logger.info("; ".join(f"rank {rank} runs on node {node}" for rank, node in enumerate(placement)))
+    return placement
 
 
 def set_worker_threads(args: PretrainArguments) -> None:
@@ -134,6 +177,47 @@ def _check_cluster(args: PretrainArguments) -> None:
                 f"{args.launch.num_workers} workers need {needed:g} {resource} but the Ray cluster has "
                 f"{available.get(resource, 0):g}. Lower --num_workers or --resources_per_worker, or add nodes."
             )
+    check_nodes_import_package(args)
+
+
+def _package_location() -> str:
+    """Where this node imports twist_hf from (run on each node by `check_nodes_import_package`)."""
+    import twist_hf
+
+    return str(Path(twist_hf.__file__).parent)
+
+
+def check_nodes_import_package(args: PretrainArguments) -> None:
+    """A tiny task on every other alive node that could host a worker imports twist_hf: a node without the
+    package (or with another Python) fails here, before the run, instead of as a worker crash loop. The driver's
+    own node has just imported it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    needed, driver_node = worker_resources(args), ray.get_runtime_context().get_node_id()
+    nodes = [
+        node
+        for node in ray.nodes()
+        if node["Alive"]
+        and node["NodeID"] != driver_node
+        and all(node["Resources"].get(name, 0) >= amount for name, amount in needed.items())
+    ]
+    probe = ray.remote(num_cpus=0, max_retries=0)(_package_location)
+    pending = {
+        node["NodeManagerAddress"] + " " + node["NodeID"][:12]: probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ).remote()
+        for node in nodes
+    }
+    for node, ref in pending.items():
+        try:
+            ray.get(ref, timeout=NODE_CHECK_TIMEOUT_S)
+        except Exception as error:  # any failure means the workers could not run there either
+            raise LaunchError(
+                f"Node {node} cannot import twist_hf ({type(error).__name__}: {str(error)[:300]}). Install the "
+                "package on every node (same Python version), e.g. in the cluster's setup_commands; see "
+                "docs/cluster.md."
+            ) from error
 
 
 def start_ray(args: PretrainArguments) -> bool:
@@ -158,18 +242,28 @@ def start_ray(args: PretrainArguments) -> bool:
     return True
 
 
-def build_torch_trainer(args: PretrainArguments, name: str, storage_path: str, callbacks: list | None = None):
-    """The Ray Train trainer of one pretraining run: `num_workers` workers of `ray_train_loop`, failures
-    resumed from the last checkpoint, the last `save_total_limit` checkpoints kept."""
+def build_torch_trainer(
+    args: PretrainArguments,
+    name: str,
+    storage_path: str,
+    callbacks: list | None = None,
+    initial_checkpoint: str | None = None,
+):
+    """The Ray Train trainer of one pretraining run: `num_workers` workers of `ray_train_loop` placed by
+    `placement_strategy`, failures resumed from the last checkpoint, the last `save_total_limit` checkpoints
+    kept; a fresh run starts from `initial_checkpoint` (a storage URI) when given."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     resources = worker_resources(args)
     return TorchTrainer(
         train_loop_per_worker=ray_train_loop,
-        train_loop_config={"args": args.to_dict()},
+        train_loop_config={"args": args.to_dict(), "initial_checkpoint": initial_checkpoint},
         scaling_config=ScalingConfig(
-            num_workers=args.launch.num_workers, use_gpu=args.launch.use_gpu, resources_per_worker=resources
+            num_workers=args.launch.num_workers,
+            use_gpu=args.launch.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=args.launch.placement_strategy,
         ),
         run_config=RunConfig(
             name=name,
@@ -193,11 +287,13 @@ def run_ray(args: PretrainArguments) -> dict:
         trainer = build_torch_trainer(
             args,
             name=f"{output_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=storage if "://" in storage else str(Path(storage).resolve()),
+            storage_path=storage if is_remote(storage) else str(Path(storage).resolve()),
+            initial_checkpoint=stored_resume_checkpoint(args),
         )
         result = trainer.fit()
         metrics = dict(result.metrics or {})
         _ensure_output_folder(result, output_dir)
+        _record_run_results(metrics, output_dir)
         metrics["checkpoints"] = result.path
         return metrics
     finally:
@@ -205,12 +301,43 @@ def run_ray(args: PretrainArguments) -> dict:
             ray.shutdown()
 
 
+def stored_resume_checkpoint(args: PretrainArguments) -> str | None:
+    """The storage URI a Ray run resumes from when the checkpoints live in object storage: the newest
+    checkpoint of this output folder's runs for `latest`, or a checkpoint URI given as such. None otherwise
+    (local checkpoints are found by the workers)."""
+    spec, storage = args.training.resume_from_checkpoint, args.launch.storage_path
+    if spec is not None and is_remote(spec):
+        return spec
+    if spec != "latest" or not is_remote(storage):
+        return None
+    run_prefix = f"{Path(args.training.output_dir).name}-"
+    latest = find_latest_stored_checkpoint(storage, run_prefix)
+    if latest is None:
+        raise LaunchError(
+            f"--resume_from_checkpoint latest: no checkpoint of a run named {run_prefix}* under {storage}. Check "
+            "--storage_path and --output_dir (runs are named after the output folder)."
+        )
+    logger.info("Resuming from %s.", latest)
+    return latest
+
+
 def _ensure_output_folder(result, output_dir: Path) -> None:
-    """On a multi-node cluster rank 0 wrote the outputs on its own node: fetch the model from storage."""
+    """On a multi-node cluster rank 0 wrote the outputs on its own node: fetch the model from storage
+    (a local folder or object storage; Ray downloads it to this machine)."""
     if (output_dir / "config.json").is_file() or result.checkpoint is None:
         return
+    output_dir.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as folder:
         shutil.copytree(Path(folder) / MODEL_DIR, output_dir, dirs_exist_ok=True)
+
+
+def _record_run_results(metrics: dict, output_dir: Path) -> None:
+    """`all_results.json` in the driver's output folder, with `num_nodes` (Ray nodes that hosted workers): rank
+    0's file when it ran on this machine, otherwise its final report."""
+    path = output_dir / RESULTS_FILE
+    results = json.loads(path.read_text()) if path.is_file() else dict(metrics)
+    results["num_nodes"] = metrics.get("num_nodes", 1)
+    path.write_text(json.dumps(results, indent=2))
 
 
 def launch(args: PretrainArguments) -> dict:

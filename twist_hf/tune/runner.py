@@ -13,7 +13,8 @@ from pathlib import Path
 from ..hub import require_hub_token
 from ..outputs import RAY_STORAGE_DIR
 from ..training.arguments import PretrainArguments
-from ..training.launch import start_ray, validate_before_launch, worker_resources
+from ..training.launch import check_nodes_import_package, start_ray, validate_before_launch, worker_resources
+from ..training.storage import is_remote, open_storage
 from .arguments import SweepSetup
 from .results import BEST_CONFIG, PLOT_FILE, plain, plot_metric, trials_table, write_best_config, write_tables
 from .space import Dimension, SearchSpaceError, check_search_algorithm, param_space, parse_search_space
@@ -38,12 +39,12 @@ class SweepPlan:
     setup: SweepSetup
     dimensions: list[Dimension]
     output_dir: Path
-    storage: Path
+    storage: str  # a local folder or an object-storage URI (s3://bucket/prefix)
     name: str
 
     @property
-    def experiment_path(self) -> Path:
-        return self.storage / self.name
+    def experiment_path(self) -> str:
+        return f"{self.storage}/{self.name}"
 
     @property
     def trials_dir(self) -> Path:
@@ -72,7 +73,8 @@ def plan_sweep(setup: SweepSetup) -> SweepPlan:
     _check_metric(sweep.metric, base)
     _check_hub(sweep, base)
     output_dir = Path(base.training.output_dir).resolve()
-    storage = Path(base.launch.storage_path).resolve() if base.launch.storage_path else output_dir / RAY_STORAGE_DIR
+    storage = base.launch.storage_path or str(output_dir / RAY_STORAGE_DIR)
+    storage = storage.rstrip("/") if is_remote(storage) else str(Path(storage).resolve())
     plan = SweepPlan(setup, dimensions, output_dir, storage, sweep.sweep_name or output_dir.name)
     _check_values(plan)
     _check_output(plan)
@@ -108,8 +110,26 @@ def _check_values(plan: SweepPlan) -> None:
                 ) from error
 
 
+def _experiment_saved(plan: SweepPlan) -> bool:
+    """Whether Tune has saved a sweep at the experiment path (a folder, or objects in a bucket)."""
+    import pyarrow.fs
+
+    if not is_remote(plan.storage):
+        return (Path(plan.experiment_path) / "tuner.pkl").exists()
+    filesystem, path = open_storage(plan.experiment_path)
+    return filesystem.get_file_info(f"{path}/tuner.pkl").type == pyarrow.fs.FileType.File
+
+
+def _delete_experiment(plan: SweepPlan) -> None:
+    if is_remote(plan.storage):
+        filesystem, path = open_storage(plan.experiment_path)
+        filesystem.delete_dir(path)
+    else:
+        shutil.rmtree(plan.experiment_path, ignore_errors=True)
+
+
 def _check_output(plan: SweepPlan) -> None:
-    exists = (plan.experiment_path / "tuner.pkl").exists()
+    exists = _experiment_saved(plan)
     if plan.setup.sweep.resume and not exists:
         raise SweepError(
             f"--resume: no sweep to restore at {plan.experiment_path}; check --output_dir, "
@@ -122,7 +142,7 @@ def _check_output(plan: SweepPlan) -> None:
                 "--overwrite_output_dir to start anew, or another --output_dir."
             )
         shutil.rmtree(plan.output_dir, ignore_errors=True)
-        shutil.rmtree(plan.experiment_path, ignore_errors=True)
+        _delete_experiment(plan)
 
 
 def trial_resources(base: PretrainArguments) -> dict:
@@ -203,7 +223,7 @@ def _trainable(plan: SweepPlan):
         "base": plan.setup.base.to_dict(),
         "metric": plan.setup.sweep.metric,
         "trials_dir": str(plan.trials_dir),
-        "train_storage": str(plan.storage / f"{plan.name}-train-runs"),
+        "train_storage": f"{plan.storage}/{plan.name}-train-runs",
     }
     return tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_function_resources(plan.setup.base))
 
@@ -215,7 +235,7 @@ def _tuner(plan: SweepPlan, concurrency: int):
     if plan.setup.sweep.resume:
         logger.info("Restoring the sweep at %s.", plan.experiment_path)
         return tune.Tuner.restore(
-            str(plan.experiment_path), trainable=trainable, resume_unfinished=True, resume_errored=True
+            plan.experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True
         )
     sweep = plan.setup.sweep
     return tune.Tuner(
@@ -230,7 +250,7 @@ def _tuner(plan: SweepPlan, concurrency: int):
         ),
         run_config=tune.RunConfig(
             name=plan.name,
-            storage_path=str(plan.storage),
+            storage_path=plan.storage,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             verbose=1,
         ),
@@ -254,6 +274,7 @@ def run_sweep(setup: SweepSetup) -> SweepOutcome:
         concurrency = concurrent_trials(
             setup.sweep.max_concurrent_trials, trial_resources(setup.base), ray.cluster_resources()
         )
+        check_nodes_import_package(setup.base)
         plan.output_dir.mkdir(parents=True, exist_ok=True)
         result_grid = _tuner(plan, concurrency).fit()
     finally:
@@ -266,7 +287,7 @@ def write_outputs(plan: SweepPlan, result_grid) -> SweepOutcome:
     from ray.tune import ExperimentAnalysis
 
     metric = plan.setup.sweep.metric
-    saved = {trial.trial_id: trial.status for trial in ExperimentAnalysis(str(plan.experiment_path)).trials}
+    saved = {trial.trial_id: trial.status for trial in ExperimentAnalysis(plan.experiment_path).trials}
     table = trials_table(result_grid, plan.dimensions, metric, saved, plan.trials_dir)
     table_path, _ = write_tables(table, plan.output_dir, metric)
     unfinished = int((table["outcome"] == "unfinished").sum()) if not table.empty else 0
