@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import stat
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any, Literal
 
 import datasets
 import fsspec
+import huggingface_hub.constants
 import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
@@ -344,18 +346,98 @@ class SkippedImageCounter:
 _IMAGE_VALUE_TYPES = (PILImage.Image, np.ndarray, bytes, bytearray, memoryview, str, os.PathLike, dict)
 
 
-def _open_image(value: Any) -> PILImage.Image:
-    """Open `value` (one of `_IMAGE_VALUE_TYPES`) lazily, without decoding the pixels."""
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an image value inside a dataset may be: local paths only inside `roots` (None: any local regular
+    file), URLs only with `allow_remote`, at most `max_bytes` encoded and `max_pixels` decoded."""
+
+    roots: tuple[str, ...] | None = None
+    allow_remote: bool = False
+    max_bytes: int = 64 * 2**20
+    # 50 megapixels (e.g. 8660 x 5773) covers camera photos; decoded, that is 150 MB of RGB per loader worker.
+    max_pixels: int = 50_000_000
+
+    def allows_path(self, path: str) -> bool:
+        if self.roots is None:
+            return True
+        real = os.path.realpath(path)
+        return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in self.roots)
+
+
+DEFAULT_IMAGE_LIMITS = ImageLimits()
+_image_limits = DEFAULT_IMAGE_LIMITS
+
+
+def set_image_limits(limits: ImageLimits) -> None:
+    """Make `limits` this process's default for decoding (DataLoader workers forked later inherit it)."""
+    global _image_limits
+    _image_limits = limits
+
+
+def dataset_roots(
+    data_dir: str | None, data_files: str | Sequence[str] | dict | None, extra: Sequence[str] = ()
+) -> tuple[str, ...]:
+    """The folders a dataset's image paths may point into: data_dir, the folders of data_files, `extra`, and
+    the datasets and Hub caches (where downloaded datasets keep their files)."""
+    folders = [datasets.config.HF_DATASETS_CACHE, huggingface_hub.constants.HF_HUB_CACHE, *extra]
+    if data_dir is not None:
+        folders.append(data_dir)
+    for pattern in _flatten_data_files(data_files) if data_files is not None else []:
+        if "://" not in pattern:
+            folders.append(_glob_base(pattern))
+    return tuple(os.path.realpath(os.path.expanduser(str(folder))) for folder in folders)
+
+
+def _glob_base(pattern: str) -> str:
+    """The folder of a file path, or of a glob up to its first wildcard part."""
+    parts = Path(os.path.expanduser(pattern)).parts
+    for index, part in enumerate(parts):
+        if any(char in part for char in "*?["):
+            return str(Path(*parts[:index])) if index else "."
+    return str(Path(*parts).parent)
+
+
+class ImageRefused(Exception):
+    """An image value outside the limits; its message is the reason it is skipped."""
+
+
+def _open_image(value: Any, limits: ImageLimits) -> PILImage.Image:
+    """Open `value` (one of `_IMAGE_VALUE_TYPES`) lazily, without decoding the pixels, within `limits`."""
     if isinstance(value, PILImage.Image):
         return value
     if isinstance(value, np.ndarray):
         return PILImage.fromarray(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
+        if len(value) > limits.max_bytes:
+            raise ImageRefused("over byte limit")
         return PILImage.open(io.BytesIO(value))
     if isinstance(value, (str, os.PathLike)):
-        with fsspec.open(str(value), "rb") as handle:
-            return PILImage.open(io.BytesIO(handle.read()))
-    return _open_image(value["bytes"] if value.get("bytes") is not None else value["path"])
+        return PILImage.open(io.BytesIO(_read_image_file(str(value), limits)))
+    return _open_image(value["bytes"] if value.get("bytes") is not None else value["path"], limits)
+
+
+def _read_image_file(path: str, limits: ImageLimits) -> bytes:
+    """The bytes of a local file inside the data roots, or of a URL when remote images are allowed."""
+    if path.startswith("file://"):
+        path = path[len("file://") :]
+    if "://" in path:
+        if not limits.allow_remote:
+            raise ImageRefused("remote URL not allowed")
+        with fsspec.open(path, "rb") as handle:
+            return _read_capped(handle, limits.max_bytes)
+    if not limits.allows_path(path):
+        raise ImageRefused("outside data roots")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ImageRefused("not a regular file")
+    with open(path, "rb") as handle:
+        return _read_capped(handle, limits.max_bytes)
+
+
+def _read_capped(handle, max_bytes: int) -> bytes:
+    data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageRefused("over byte limit")
+    return data
 
 
 def _high_bit_depth_to_8bit(image: PILImage.Image) -> PILImage.Image:
@@ -396,9 +478,11 @@ def decode_image(
 
 
 def decode_image_or_reason(
-    value: Any, alpha: Literal["white", "drop"] = "white"
+    value: Any, alpha: Literal["white", "drop"] = "white", limits: ImageLimits | None = None
 ) -> tuple[PILImage.Image | None, str | None]:
-    """Decode like `decode_image`, returning (image, None) or (None, why it was skipped)."""
+    """Decode like `decode_image`, returning (image, None) or (None, why it was skipped). `limits` (default:
+    the process's, see `set_image_limits`) decide which paths are read and how large an image may be."""
+    limits = limits or _image_limits
     if value is None or (isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None):
         return None, "missing value"
     if not isinstance(value, _IMAGE_VALUE_TYPES):
@@ -407,9 +491,13 @@ def decode_image_or_reason(
             "a PIL image or datasets' {'bytes', 'path'} dict."
         )
     try:
-        image = _open_image(value)
+        image = _open_image(value, limits)
+        if image.width * image.height > limits.max_pixels:
+            return None, "over pixel limit"
         image.load()
         return to_rgb(ImageOps.exif_transpose(image), alpha=alpha), None
+    except ImageRefused as refused:
+        return None, str(refused)
     except PILImage.DecompressionBombError:
         return None, "decompression bomb"
     except FileNotFoundError:

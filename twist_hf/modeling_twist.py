@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -173,6 +174,14 @@ def twist_image_processor(config: TwistConfig) -> BaseImageProcessor:
     return ViTImageProcessor(size={"height": config.image_size, "width": config.image_size}, **common)
 
 
+def _weights_readable_like_config(folder: Path) -> None:
+    """safetensors writes weights with mode 0600: give them config.json's mode (what the umask allows), so that
+    other users of a shared filesystem can load the model."""
+    mode = (folder / "config.json").stat().st_mode & 0o666
+    for weights in folder.glob("*.safetensors"):
+        weights.chmod(mode)
+
+
 class TwistPreTrainedModel(PreTrainedModel):
     config: TwistConfig
     config_class = TwistConfig
@@ -188,6 +197,7 @@ class TwistPreTrainedModel(PreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             twist_image_processor(self.config).save_pretrained(save_directory)
+            _weights_readable_like_config(Path(save_directory))
 
     def _init_weights(self, module: nn.Module) -> None:
         """Head Linears as the recipe asks; norms to identity. The backbone initialises itself."""

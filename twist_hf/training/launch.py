@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 
+from ..data import set_image_limits
 from ..distributed import bunch_layout
 from .arguments import PretrainArguments, arguments_from_dict
-from .checkpoint import MODEL_DIR
+from .checkpoint import MODEL_DIR, TRAINER_STATE, CheckpointError, checkpoint_problem, find_latest_checkpoint
 from .data import check_dataset
 from .loop import RESULTS_FILE, LocalReporter, train_worker
+from .outputs import remove_run_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ def validate_before_launch(args: PretrainArguments) -> None:
     _check_bunch(config, args.training.per_device_train_batch_size, world_size_for(args))
     check_dataset(args.data, need_labels=bool(args.data.eval_split))
     _check_output_dir(args)
+    _check_resume(args)
     if args.training.push_to_hub:
         _check_hub_token(args)
     if args.launch.use_gpu and args.launch.launcher == "local" and not torch.cuda.is_available():
@@ -73,6 +76,24 @@ def _check_output_dir(args: PretrainArguments) -> None:
             f"The output folder {output} already holds a run. Pass --resume_from_checkpoint latest to continue "
             "it, --overwrite_output_dir to train anew into it, or another --output_dir."
         )
+
+
+def _check_resume(args: PretrainArguments) -> None:
+    """`latest` needs a readable checkpoint in output_dir; a local checkpoint folder must read back whole."""
+    spec = args.training.resume_from_checkpoint
+    if spec == "latest":
+        if find_latest_checkpoint(args.training.output_dir) is None:
+            raise LaunchError(
+                f"--resume_from_checkpoint latest: no readable checkpoint under {args.training.output_dir}. "
+                "Check --output_dir, or start anew without --resume_from_checkpoint."
+            )
+    elif spec is not None and (Path(spec) / TRAINER_STATE).is_file():
+        problem = checkpoint_problem(spec)
+        if problem is not None:
+            raise CheckpointError(
+                f"Cannot resume from {spec}: {problem}. It was probably cut short by a crash or a full disk; "
+                "pass an older checkpoint, or --resume_from_checkpoint latest, which skips unreadable ones."
+            )
 
 
 def _check_hub_token(args: PretrainArguments) -> None:
@@ -107,7 +128,12 @@ class RayReporter:
 def ray_train_loop(loop_config: dict) -> None:
     """What each Ray Train worker runs."""
     args = arguments_from_dict(loop_config["args"])
+    if loop_config.get("hub_token") is not None:
+        import ray
+
+        args.training.hub_token = ray.get(loop_config["hub_token"])
     set_worker_threads(args)
+    set_image_limits(args.data.image_limits())
     train_worker(args, RayReporter())
 
 
@@ -145,9 +171,8 @@ def start_ray(args: PretrainArguments) -> bool:
     for key, value in RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     address = args.launch.ray_address or os.environ.get("RAY_ADDRESS")
+    # No secret here: Ray's dashboard and job records show the runtime_env (see `train_loop_config`).
     env_vars = {key: os.environ[key] for key in RAY_TRAIN_ENV}
-    if args.training.hub_token:
-        env_vars["HF_TOKEN"] = args.training.hub_token
     ray.init(
         address=address,
         include_dashboard=args.launch.ray_dashboard if address is None else None,
@@ -167,7 +192,7 @@ def build_torch_trainer(args: PretrainArguments, name: str, storage_path: str, c
     resources = worker_resources(args)
     return TorchTrainer(
         train_loop_per_worker=ray_train_loop,
-        train_loop_config={"args": args.to_dict()},
+        train_loop_config=train_loop_config(args),
         scaling_config=ScalingConfig(
             num_workers=args.launch.num_workers, use_gpu=args.launch.use_gpu, resources_per_worker=resources
         ),
@@ -179,6 +204,15 @@ def build_torch_trainer(args: PretrainArguments, name: str, storage_path: str, c
             checkpoint_config=CheckpointConfig(num_to_keep=args.training.save_total_limit),
         ),
     )
+
+
+def train_loop_config(args: PretrainArguments) -> dict:
+    """What every worker receives: the arguments without the Hub token, and the token (if any) as an object
+    in Ray's object store, whose contents Ray's dashboard and job records never show."""
+    import ray
+
+    token = args.training.hub_token
+    return {"args": args.to_dict(), "hub_token": ray.put(token) if token else None}
 
 
 def run_ray(args: PretrainArguments) -> dict:
@@ -215,9 +249,11 @@ def _ensure_output_folder(result, output_dir: Path) -> None:
 
 def launch(args: PretrainArguments) -> dict:
     """Validate, run with the chosen launcher, and say where everything is."""
+    set_image_limits(args.data.image_limits())
     validate_before_launch(args)
     if args.training.overwrite_output_dir and args.training.resume_from_checkpoint is None:
-        shutil.rmtree(args.training.output_dir, ignore_errors=True)
+        for path in remove_run_outputs(args.training.output_dir):
+            logger.info("--overwrite_output_dir: removed %s of the previous run.", path)
     metrics = run_ray(args) if args.launch.launcher == "ray" else run_local(args)
     if metrics.get("status") == "diverged":
         raise RuntimeError(metrics.get("error", "Training diverged."))

@@ -6,14 +6,24 @@ import importlib.util
 import logging
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..training.arguments import PretrainArguments
 from ..training.launch import start_ray, validate_before_launch, worker_resources
+from ..training.outputs import remove_paths
 from .arguments import SweepSetup
-from .results import BEST_CONFIG, PLOT_FILE, plain, plot_metric, trials_table, write_best_config, write_tables
+from .results import (
+    BEST_CONFIG,
+    PLOT_FILE,
+    TRIALS_CSV,
+    TRIALS_MD,
+    plain,
+    plot_metric,
+    trials_table,
+    write_best_config,
+    write_tables,
+)
 from .space import Dimension, SearchSpaceError, check_search_algorithm, param_space, parse_search_space
 from .trial import run_trial, trial_arguments
 
@@ -42,6 +52,11 @@ class SweepPlan:
     @property
     def experiment_path(self) -> Path:
         return self.storage / self.name
+
+    @property
+    def train_storage(self) -> Path:
+        """Ray Train runs of multi-worker trials."""
+        return self.storage / f"{self.name}-train-runs"
 
     @property
     def trials_dir(self) -> Path:
@@ -117,8 +132,17 @@ def _check_output(plan: SweepPlan) -> None:
                 f"{plan.experiment_path} already holds a sweep: pass --resume to continue it, "
                 "--overwrite_output_dir to start anew, or another --output_dir."
             )
-        shutil.rmtree(plan.output_dir, ignore_errors=True)
-        shutil.rmtree(plan.experiment_path, ignore_errors=True)
+        remove_sweep_outputs(plan)
+
+
+def remove_sweep_outputs(plan: SweepPlan) -> list[Path]:
+    """--overwrite_output_dir: delete the previous sweep's own outputs (its trials, tables, plot, best config
+    and Ray Tune state), never other files in the output folder."""
+    results = [plan.output_dir / name for name in (TRIALS_CSV, TRIALS_MD, PLOT_FILE, BEST_CONFIG)]
+    removed = remove_paths([plan.trials_dir, *results, plan.experiment_path, plan.train_storage])
+    for path in removed:
+        logger.info("--overwrite_output_dir: removed %s of the previous sweep.", path)
+    return removed
 
 
 def trial_resources(base: PretrainArguments) -> dict:
@@ -199,7 +223,7 @@ def _trainable(plan: SweepPlan):
         "base": plan.setup.base.to_dict(),
         "metric": plan.setup.sweep.metric,
         "trials_dir": str(plan.trials_dir),
-        "train_storage": str(plan.storage / f"{plan.name}-train-runs"),
+        "train_storage": str(plan.train_storage),
     }
     return tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_function_resources(plan.setup.base))
 

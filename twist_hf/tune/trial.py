@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -28,6 +29,9 @@ TRIAL_SETTINGS = {
     ("training", "push_to_hub"): False,
     ("launch", "launcher"): "ray",
 }
+
+
+DIVERGED_FILE = "diverged.json"
 
 
 class TrialDivergedError(RuntimeError):
@@ -136,19 +140,27 @@ def run_trial(config: dict, setup: dict) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     args = trial_arguments(setup["base"], config, Path(setup["trials_dir"]) / trial_id)
+    marker = Path(args.training.output_dir) / DIVERGED_FILE
+    if marker.is_file():
+        # A restored sweep (--resume) would train it again with the same seed and diverge again.
+        raise TrialDivergedError(f"{json.loads(marker.read_text())['error']} (diverged before --resume; not re-run)")
     objective = Objective(setup["metric"], setup["base"]["data"])
     if args.launch.num_workers == 1:
         final = _train_in_this_process(args, objective)
     else:
         final = _train_on_ray_train(args, objective, name=trial_id, storage=setup["train_storage"])
     if final.get("status") == "diverged":
-        raise TrialDivergedError(final.get("error", "The loss stopped being finite."))
+        error = final.get("error", "The loss stopped being finite.")
+        marker.write_text(json.dumps({"error": error}))
+        raise TrialDivergedError(error)
 
 
 def _train_in_this_process(args: PretrainArguments, objective: Objective) -> dict:
+    from ..data import set_image_limits
     from ..training.launch import set_worker_threads
 
     set_worker_threads(args)
+    set_image_limits(args.data.image_limits())
     return train_worker(args, TuneReporter(objective))
 
 
