@@ -469,9 +469,11 @@ def decode_image(
     counter: SkippedImageCounter | None = None,
     key: Any = None,
     alpha: Literal["white", "drop"] = "white",
+    limits: ImageLimits | None = None,
 ) -> PILImage.Image | None:
-    """Decode an image to RGB (EXIF orientation applied), or return None and count it when it is unreadable."""
-    image, reason = decode_image_or_reason(value, alpha=alpha)
+    """Decode an image to RGB (EXIF orientation applied), or return None and count it when it is unreadable
+    or outside `limits`."""
+    image, reason = decode_image_or_reason(value, alpha=alpha, limits=limits)
     if reason is not None and counter is not None:
         counter.record(reason, key)
     return image
