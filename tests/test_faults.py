@@ -361,3 +361,46 @@ def test_training_skips_and_counts_foreign_paths_urls_and_pixel_bombs_fetching_n
     results = json.loads((output / "all_results.json").read_text())
     assert results["skipped_images"] == 4
     assert requests == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Risks: the Hub token and Ray; the Hub client's HTTP timeout.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_hub_token_stays_out_of_rays_runtime_env_and_reaches_workers_through_the_object_store(tmp_path, monkeypatch):
+    import ray
+
+    from twist_hf.training import parse_pretrain_args
+    from twist_hf.training.launch import start_ray, train_loop_config
+
+    secret = "hf_" + "S3cret" * 6
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    options = ["--launcher", "ray", "--ray_dashboard", "false", "--num_workers", "1", "--hub_token", secret]
+    args = parse_pretrain_args([*TINY, *options, "--output_dir", str(tmp_path / "run")])
+    assert start_ray(args)
+    try:
+        assert secret not in str(ray.get_runtime_context().runtime_env)
+        config = train_loop_config(args)
+        assert secret not in str(config)
+
+        @ray.remote(num_cpus=0)
+        def what_a_worker_sees(config: dict) -> tuple:
+            return ray.get(config["hub_token"]), os.environ.get("HF_TOKEN")
+
+        assert ray.get(what_a_worker_sees.remote(config)) == (secret, None)
+    finally:
+        ray.shutdown()
+
+
+def test_hub_http_timeout_is_restored_when_the_pusher_finishes():
+    from huggingface_hub.utils import get_session
+
+    from twist_hf.hub import HubPusher
+
+    before = get_session().timeout
+    pusher = HubPusher("user/model", hub_token="hf_" + "x" * 30, http_timeout=7.0, push_timeout=20.0)
+    assert get_session().timeout.read == 7.0
+    pusher.finish()
+    assert get_session().timeout == before
