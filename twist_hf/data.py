@@ -9,6 +9,7 @@ import os
 import stat
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from glob import glob
@@ -368,10 +369,16 @@ DEFAULT_IMAGE_LIMITS = ImageLimits()
 _image_limits = DEFAULT_IMAGE_LIMITS
 
 
-def set_image_limits(limits: ImageLimits) -> None:
-    """Make `limits` this process's default for decoding (DataLoader workers forked later inherit it)."""
+@contextmanager
+def using_image_limits(limits: ImageLimits) -> Iterator[None]:
+    """Make `limits` this process's default for decoding while the block runs (DataLoader workers forked in it
+    inherit them); the previous default comes back afterwards."""
     global _image_limits
-    _image_limits = limits
+    previous, _image_limits = _image_limits, limits
+    try:
+        yield
+    finally:
+        _image_limits = previous
 
 
 def dataset_roots(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import set_image_limits
+from ..data import using_image_limits
 from ..distributed import bunch_layout
 from .arguments import PretrainArguments, arguments_from_dict
 from .checkpoint import MODEL_DIR, TRAINER_STATE, CheckpointError, checkpoint_problem, find_latest_checkpoint
@@ -133,8 +133,8 @@ def ray_train_loop(loop_config: dict) -> None:
 
         args.training.hub_token = ray.get(loop_config["hub_token"])
     set_worker_threads(args)
-    set_image_limits(args.data.image_limits())
-    train_worker(args, RayReporter())
+    with using_image_limits(args.data.image_limits()):
+        train_worker(args, RayReporter())
 
 
 def set_worker_threads(args: PretrainArguments) -> None:
@@ -249,12 +249,12 @@ def _ensure_output_folder(result, output_dir: Path) -> None:
 
 def launch(args: PretrainArguments) -> dict:
     """Validate, run with the chosen launcher, and say where everything is."""
-    set_image_limits(args.data.image_limits())
-    validate_before_launch(args)
-    if args.training.overwrite_output_dir and args.training.resume_from_checkpoint is None:
-        for path in remove_run_outputs(args.training.output_dir):
-            logger.info("--overwrite_output_dir: removed %s of the previous run.", path)
-    metrics = run_ray(args) if args.launch.launcher == "ray" else run_local(args)
+    with using_image_limits(args.data.image_limits()):
+        validate_before_launch(args)
+        if args.training.overwrite_output_dir and args.training.resume_from_checkpoint is None:
+            for path in remove_run_outputs(args.training.output_dir):
+                logger.info("--overwrite_output_dir: removed %s of the previous run.", path)
+        metrics = run_ray(args) if args.launch.launcher == "ray" else run_local(args)
     if metrics.get("status") == "diverged":
         raise RuntimeError(metrics.get("error", "Training diverged."))
     return metrics

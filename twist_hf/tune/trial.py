@@ -156,12 +156,12 @@ def run_trial(config: dict, setup: dict) -> None:
 
 
 def _train_in_this_process(args: PretrainArguments, objective: Objective) -> dict:
-    from ..data import set_image_limits
+    from ..data import using_image_limits
     from ..training.launch import set_worker_threads
 
     set_worker_threads(args)
-    set_image_limits(args.data.image_limits())
-    return train_worker(args, TuneReporter(objective))
+    with using_image_limits(args.data.image_limits()):
+        return train_worker(args, TuneReporter(objective))
 
 
 def _train_on_ray_train(args: PretrainArguments, objective: Objective, name: str, storage: str) -> dict:
