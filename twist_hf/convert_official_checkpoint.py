@@ -585,13 +585,7 @@ def save_conversion(
     """Save the converted model (`save_pretrained`: weights, config, image processor, remote code) and a
     model card saying where the weights came from, into a new or empty folder or an earlier conversion's."""
     output = Path(output_dir)
-    foreign = foreign_files(output)
-    if foreign:
-        listed = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise ConversionError(
-            f"{output} holds files a conversion does not write ({listed}); a push would publish them. "
-            "Pass a new or empty output folder."
-        )
+    check_output_folder(output)
     conversion.model.save_pretrained(output)
     write_model_card(
         output,
@@ -600,6 +594,17 @@ def save_conversion(
         training_summary=_training_summary(conversion, dataset),
     )
     return output
+
+
+def check_output_folder(output: Path) -> None:
+    """Refuse a folder holding anything a conversion does not write (a push would publish it)."""
+    foreign = foreign_files(output)
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ConversionError(
+            f"{output} holds files a conversion does not write ({listed}); a push would publish them. "
+            "Pass a new or empty output folder."
+        )
 
 
 def conversion_files(folder: str | Path) -> list[str]:
@@ -716,6 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     args = parse_args(argv)
     try:
+        check_output_folder(args.output_dir)
         conversion = convert_official_checkpoint(
             args.checkpoint,
             arch=args.arch,
