@@ -159,13 +159,12 @@ def test_resume_skips_a_truncated_newest_checkpoint_and_an_explicit_one_is_a_cle
 
 def test_truncated_weights_are_found_and_pruning_ignores_foreign_folder_names(tmp_path):
     model = TwistForPreTraining(TwistConfig.from_preset("tiny-resnet"))
-    folder = tmp_path / "saved"
-    save_tiny_checkpoint(folder, model, step=1)
     checkpoints = LocalCheckpoints(tmp_path / "run", limit=1)
     (checkpoints.root / "checkpoint-old").mkdir(parents=True)
     (checkpoints.root / "checkpoint-old" / "notes.txt").write_text("mine")
-    checkpoints.keep(folder, 1)
-    checkpoints.keep(folder, 2)
+    for step in (1, 2):
+        save_tiny_checkpoint(tmp_path / f"saved-{step}", model, step=step)
+        checkpoints.keep(tmp_path / f"saved-{step}", step)
     assert sorted(path.name for path in checkpoints.root.iterdir()) == ["checkpoint-2", "checkpoint-old"]
     assert checkpoint_problem(checkpoints.root / "checkpoint-2") is None
     truncate(checkpoints.root / "checkpoint-2" / "model" / "model.safetensors")

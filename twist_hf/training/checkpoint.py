@@ -189,12 +189,12 @@ class LocalCheckpoints:
         self.limit = limit
 
     def keep(self, folder: Path, global_step: int) -> Path:
-        """Publish `folder` as checkpoint-<step> atomically, then drop the checkpoints beyond the limit."""
+        """Move `folder` to checkpoint-<step> atomically, then drop the checkpoints beyond the limit."""
         target = self.root / f"checkpoint-{global_step}"
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_partial_folders()
         staging = self.root / f"{PARTIAL_PREFIX}{target.name}"
-        shutil.copytree(folder, staging)
+        shutil.move(str(folder), staging)  # a rename on the same filesystem, else a copy into the hidden folder
         os.chmod(staging, self.root.stat().st_mode & 0o777)  # as readable as checkpoints/ (the umask's mode)
         fsync_tree(staging)
         if target.exists():  # the same step saved again (a resumed run): the old copy goes once the new is whole
