@@ -17,7 +17,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from hub_server import PUSHED_MODEL_FILES, TEST_TOKEN, TEST_USER, client_env, start_hub_server
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import HfApi, constants, hf_hub_download
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 from torchvision.models import resnet50
@@ -28,8 +28,10 @@ from twist_hf import TwistModel
 from twist_hf.convert_official_checkpoint import (
     FRESH_HEAD_NOTE,
     ConversionError,
+    conversion_files,
     convert_official_checkpoint,
     main,
+    push_conversion,
     resolve_architecture,
 )
 from twist_hf.model_card import model_config_summary
@@ -493,3 +495,26 @@ def test_command_line_pushes_a_backbone_only_conversion_to_the_hub(tmp_path):
         assert f"| Head | {FRESH_HEAD_NOTE} |" in Path(card).read_text()
     finally:
         hub.stop()
+
+
+def test_conversion_refuses_a_folder_holding_foreign_files_and_pushes_only_its_own(
+    small_resnet_checkpoint, tmp_path, hub, lfs_not_xet, monkeypatch
+):
+    path, _ = small_resnet_checkpoint
+    used = tmp_path / "used"
+    (used / ".ssh").mkdir(parents=True)
+    (used / ".ssh" / "id_rsa").write_text("PRIVATE KEY")
+    assert main([str(path), str(used)]) == 1
+    assert sorted(item.relative_to(used).as_posix() for item in used.rglob("*")) == [".ssh", ".ssh/id_rsa"]
+
+    out = tmp_path / "out"
+    assert main([str(path), str(out)]) == 0
+    written = conversion_files(out)
+    assert {"config.json", "model.safetensors", "README.md"} <= set(written)
+    (out / ".env").write_text("HF_TOKEN=hf_secret")  # dropped next to the model before the push
+    (out / "drafts").mkdir()
+    (out / "drafts" / "paper.tex").write_text("unpublished")
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    push_conversion(out, f"{TEST_USER}/converted", token=TEST_TOKEN)
+    pushed = set(HfApi(endpoint=hub.endpoint, token=TEST_TOKEN).list_repo_files(f"{TEST_USER}/converted"))
+    assert pushed - {".gitattributes"} == set(written)

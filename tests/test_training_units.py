@@ -73,7 +73,7 @@ def test_training_step_sets_the_schedule_and_moves_the_teacher_by_its_momentum()
     views = [torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)]
     output = step(1, views)
     assert torch.isfinite(output.loss)
-    assert [group["lr"] for group in optimizer.param_groups] == [0.4 * 2 / 4] * 2  # warm-up: step 2 of 4
+    assert [group["lr"] for group in optimizer.param_groups] == [0.4 * 1 / 4] * 2  # warm-up from 0: step 1 of 4
     for name, student_value in model.named_parameters():
         expected = 0.9 * before[name] + 0.1 * student_value.detach()  # momentum at step 1 of 10 rounds to 0.9
         torch.testing.assert_close(dict(teacher.named_parameters())[name], expected, atol=1e-3, rtol=0)

@@ -299,3 +299,46 @@ def interrupt_after_first_checkpoint(experiment_path: Path, trials: int, timeout
             time.sleep(0.2)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+def test_overwrite_output_dir_replaces_the_sweeps_own_outputs_only(tmp_path):
+    output = tmp_path / "sweep"
+    (output / "ray" / "sweep").mkdir(parents=True)
+    (output / "ray" / "sweep" / "tuner.pkl").write_bytes(b"old sweep")
+    (output / "trials" / "old-trial").mkdir(parents=True)
+    (output / "trials.csv").write_text("old")
+    (output / "thesis.tex").write_text("\\chapter{Mine}")
+    (output / "data").mkdir()
+    (output / "data" / "labels.csv").write_text("mine too")
+    plan_sweep(sweep_setup(tmp_path, overwrite_output_dir=True))
+    assert sorted(path.relative_to(output).as_posix() for path in output.rglob("*")) == [
+        "data",
+        "data/labels.csv",
+        "ray",
+        "thesis.tex",
+    ]
+
+
+@pytest.mark.slow
+def test_resume_reports_a_diverged_trial_instead_of_rerunning_it_with_the_same_seed(tmp_path, local_ray):
+    """The trial's self-labeling epoch (the second) has an absurd lr: it diverges, and --resume must not train
+    it again (same seed, same divergence) but report it as diverged."""
+    diverging = {
+        "self_label_epochs": 1,
+        "self_label_warmup_epochs": 0,
+        "max_train_samples": 64,
+        "max_eval_samples": 64,
+        "search_space": {"self_label_learning_rate": {"grid": [1e30]}},
+    }
+    run_sweep(sweep_setup(tmp_path, **diverging))
+    trial_dir = Path(read_trials(tmp_path / "sweep")["output_dir"][0])
+    log = (trial_dir / "log.jsonl").read_text()
+    assert "The loss became" in (trial_dir / "diverged.json").read_text()
+
+    resumed = parse_sweep_args(
+        ["--config", str(tmp_path / "sweep.yaml"), "--output_dir", str(tmp_path / "sweep"), "--resume"]
+    )
+    run_sweep(resumed)
+    assert (trial_dir / "log.jsonl").read_text() == log
+    (outcome,) = read_trials(tmp_path / "sweep")["outcome"]
+    assert outcome.startswith("error") and "TrialDivergedError" in outcome

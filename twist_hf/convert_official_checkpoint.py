@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fnmatch
 import hashlib
 import logging
 import math
@@ -45,6 +46,16 @@ _RESNET_STEM_WIDTHS = {64: "resnet50", 128: "resnet50w2"}
 _VIT_WIDTHS = {384: "vit-s16", 768: "vit-b16"}
 _TIMM_VIT_DEFAULTS = {"depth": 12, "patch_size": 16, "img_size": 224}
 _MAX_LISTED_KEYS = 25
+# What `save_conversion` writes (top-level names): `save_pretrained`'s weights, config, image processor and
+# remote-code modules, and the model card.
+CONVERSION_OUTPUTS = (
+    "config.json",
+    "preprocessor_config.json",
+    "README.md",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "*.py",
+)
 
 # Names the reference training scripts may give each hyperparameter in their `args` namespace.
 ARG_ALIASES: dict[str, tuple[str, ...]] = {
@@ -585,8 +596,9 @@ def save_conversion(
     dataset: str = "imagenet-1k",
 ) -> Path:
     """Save the converted model (`save_pretrained`: weights, config, image processor, remote code) and a
-    model card saying where the weights came from."""
+    model card saying where the weights came from, into a new or empty folder or an earlier conversion's."""
     output = Path(output_dir)
+    check_output_folder(output)
     conversion.model.save_pretrained(output)
     write_model_card(
         output,
@@ -595,6 +607,42 @@ def save_conversion(
         training_summary=_training_summary(conversion, dataset),
     )
     return output
+
+
+def check_output_folder(output: Path) -> None:
+    """Refuse a folder holding anything a conversion does not write (a push would publish it)."""
+    foreign = foreign_files(output)
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ConversionError(
+            f"{output} holds files a conversion does not write ({listed}); a push would publish them. "
+            "Pass a new or empty output folder."
+        )
+
+
+def conversion_files(folder: str | Path) -> list[str]:
+    """The files of `folder` a conversion writes: top-level weights, config, image processor, card and code."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(path.name for path in folder.iterdir() if path.is_file() and _is_conversion_output(path.name))
+
+
+def foreign_files(folder: str | Path) -> list[str]:
+    """Everything in `folder` (recursively) that is not a conversion output: another program's or the user's."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    ours = set(conversion_files(folder))
+    return sorted(
+        path.relative_to(folder).as_posix()
+        for path in folder.rglob("*")
+        if path.name not in ours or path.parent != folder
+    )
+
+
+def _is_conversion_output(name: str) -> bool:
+    return not name.startswith(".") and any(fnmatch.fnmatchcase(name, pattern) for pattern in CONVERSION_OUTPUTS)
 
 
 def _training_summary(conversion: Conversion, dataset: str) -> dict[str, Any]:
@@ -621,9 +669,11 @@ def push_conversion(
     revision: str | None = None,
     push_timeout: float = 600.0,
 ) -> str:
-    """Upload a saved conversion to the Hub as one commit; raises if the push did not land."""
+    """Upload a saved conversion's own files (nothing else in `folder`) to the Hub as one commit; raises if
+    the push did not land."""
     pusher = HubPusher(
         hub_model_id,
+        allow_patterns=conversion_files(folder),
         hub_strategy="end",
         hub_private_repo=private,
         hub_token=token,
@@ -671,6 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     args = parse_args(argv)
     try:
+        check_output_folder(args.output_dir)
         conversion = convert_official_checkpoint(
             args.checkpoint,
             arch=args.arch,
@@ -679,10 +730,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             head_hidden_size=args.head_hidden_size,
             seed=args.seed,
         )
+        folder = save_conversion(conversion, args.output_dir, model_id=args.hub_model_id, dataset=args.dataset)
     except (ConversionError, FileNotFoundError) as error:
         logger.error("%s", error)
         return 1
-    folder = save_conversion(conversion, args.output_dir, model_id=args.hub_model_id, dataset=args.dataset)
     logger.info("Saved the converted model to %s", folder)
     if args.push_to_hub:
         try:

@@ -6,21 +6,25 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import stat
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from glob import glob
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import datasets
 import fsspec
+import huggingface_hub.constants
 import numpy as np
 import torch
-from datasets.distributed import split_dataset_by_node
 from PIL import Image as PILImage
 from PIL import ImageOps
+
+if TYPE_CHECKING:
+    import datasets
 
 # Re-exported for callers of this module; defined once in configuration_twist.
 from .configuration_twist import FASHION_MNIST_MEAN as FASHION_MNIST_MEAN
@@ -135,6 +139,8 @@ def _png_bytes(image: np.ndarray) -> bytes:
 
 @lru_cache(maxsize=4)
 def _cached_fashion_mnist_dataset(split: str, root: str) -> datasets.Dataset:
+    import datasets
+
     images, labels = _cached_fashion_mnist_arrays(split, root)
     features = datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(FASHION_MNIST_CLASSES))}
@@ -240,6 +246,8 @@ def load_image_dataset(
 
     Raises early, with a message naming what was tried, when the dataset, split or paths do not exist.
     """
+    import datasets
+
     if is_fashion_mnist(name):
         return _load_builtin_fashion_mnist(split, data_dir, streaming)
     _check_builder_arguments(name, data_dir, data_files)
@@ -273,6 +281,8 @@ def load_image_dataset(
 
 def find_image_column(features: datasets.Features, name: str | None = None) -> str:
     """Return the name of the image column: `name` if given and present, else the first `datasets.Image` column."""
+    import datasets
+
     if name is not None:
         if name not in features:
             raise KeyError(f"Image column {name!r} not in the dataset; its columns are {list(features)}.")
@@ -288,6 +298,8 @@ def find_image_column(features: datasets.Features, name: str | None = None) -> s
 
 def find_label_column(features: datasets.Features, name: str | None = None) -> str | None:
     """Return the label column: `name` if given, else the first ClassLabel column, else an integer `label(s)`."""
+    import datasets
+
     if name is not None:
         if name not in features:
             raise KeyError(f"Label column {name!r} not in the dataset; its columns are {list(features)}.")
@@ -306,6 +318,8 @@ def with_undecoded_images(
     dataset: datasets.Dataset | datasets.IterableDataset, image_column: str
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Switch the image column to raw {bytes, path} so that bad files reach `decode_image` instead of crashing."""
+    import datasets
+
     return dataset.cast_column(image_column, datasets.Image(decode=False))
 
 
@@ -351,18 +365,106 @@ class SkippedImageCounter:
 _IMAGE_VALUE_TYPES = (PILImage.Image, np.ndarray, bytes, bytearray, memoryview, str, os.PathLike, dict)
 
 
-def _open_image(value: Any) -> PILImage.Image:
-    """Open `value` (one of `_IMAGE_VALUE_TYPES`) lazily, without decoding the pixels."""
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an image value inside a dataset may be: local paths only inside `roots` (None: any local regular
+    file), URLs only with `allow_remote`, at most `max_bytes` encoded and `max_pixels` decoded."""
+
+    roots: tuple[str, ...] | None = None
+    allow_remote: bool = False
+    max_bytes: int = 64 * 2**20
+    # 50 megapixels (e.g. 8660 x 5773) covers camera photos; decoded, that is 150 MB of RGB per loader worker.
+    max_pixels: int = 50_000_000
+
+    def allows_path(self, path: str) -> bool:
+        if self.roots is None:
+            return True
+        real = os.path.realpath(path)
+        return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in self.roots)
+
+
+DEFAULT_IMAGE_LIMITS = ImageLimits()
+_image_limits = DEFAULT_IMAGE_LIMITS
+
+
+@contextmanager
+def using_image_limits(limits: ImageLimits) -> Iterator[None]:
+    """Make `limits` this process's default for decoding while the block runs (DataLoader workers forked in it
+    inherit them); the previous default comes back afterwards."""
+    global _image_limits
+    previous, _image_limits = _image_limits, limits
+    try:
+        yield
+    finally:
+        _image_limits = previous
+
+
+def dataset_roots(
+    data_dir: str | None, data_files: str | Sequence[str] | dict | None, extra: Sequence[str] = ()
+) -> tuple[str, ...]:
+    """The folders a dataset's image paths may point into: data_dir, the folders of data_files, `extra`, and
+    the datasets and Hub caches (where downloaded datasets keep their files)."""
+    import datasets
+
+    folders = [datasets.config.HF_DATASETS_CACHE, huggingface_hub.constants.HF_HUB_CACHE, *extra]
+    if data_dir is not None:
+        folders.append(data_dir)
+    for pattern in _flatten_data_files(data_files) if data_files is not None else []:
+        if "://" not in pattern:
+            folders.append(_glob_base(pattern))
+    return tuple(os.path.realpath(os.path.expanduser(str(folder))) for folder in folders)
+
+
+def _glob_base(pattern: str) -> str:
+    """The folder of a file path, or of a glob up to its first wildcard part."""
+    parts = Path(os.path.expanduser(pattern)).parts
+    for index, part in enumerate(parts):
+        if any(char in part for char in "*?["):
+            return str(Path(*parts[:index])) if index else "."
+    return str(Path(*parts).parent)
+
+
+class ImageRefused(Exception):
+    """An image value outside the limits; its message is the reason it is skipped."""
+
+
+def _open_image(value: Any, limits: ImageLimits) -> PILImage.Image:
+    """Open `value` (one of `_IMAGE_VALUE_TYPES`) lazily, without decoding the pixels, within `limits`."""
     if isinstance(value, PILImage.Image):
         return value
     if isinstance(value, np.ndarray):
         return PILImage.fromarray(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
+        if len(value) > limits.max_bytes:
+            raise ImageRefused("over byte limit")
         return PILImage.open(io.BytesIO(value))
     if isinstance(value, (str, os.PathLike)):
-        with fsspec.open(str(value), "rb") as handle:
-            return PILImage.open(io.BytesIO(handle.read()))
-    return _open_image(value["bytes"] if value.get("bytes") is not None else value["path"])
+        return PILImage.open(io.BytesIO(_read_image_file(str(value), limits)))
+    return _open_image(value["bytes"] if value.get("bytes") is not None else value["path"], limits)
+
+
+def _read_image_file(path: str, limits: ImageLimits) -> bytes:
+    """The bytes of a local file inside the data roots, or of a URL when remote images are allowed."""
+    if path.startswith("file://"):
+        path = path[len("file://") :]
+    if "://" in path:
+        if not limits.allow_remote:
+            raise ImageRefused("remote URL not allowed")
+        with fsspec.open(path, "rb") as handle:
+            return _read_capped(handle, limits.max_bytes)
+    if not limits.allows_path(path):
+        raise ImageRefused("outside data roots")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ImageRefused("not a regular file")
+    with open(path, "rb") as handle:
+        return _read_capped(handle, limits.max_bytes)
+
+
+def _read_capped(handle, max_bytes: int) -> bytes:
+    data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageRefused("over byte limit")
+    return data
 
 
 def _high_bit_depth_to_8bit(image: PILImage.Image) -> PILImage.Image:
@@ -394,18 +496,22 @@ def decode_image(
     counter: SkippedImageCounter | None = None,
     key: Any = None,
     alpha: Literal["white", "drop"] = "white",
+    limits: ImageLimits | None = None,
 ) -> PILImage.Image | None:
-    """Decode an image to RGB (EXIF orientation applied), or return None and count it when it is unreadable."""
-    image, reason = decode_image_or_reason(value, alpha=alpha)
+    """Decode an image to RGB (EXIF orientation applied), or return None and count it when it is unreadable
+    or outside `limits`."""
+    image, reason = decode_image_or_reason(value, alpha=alpha, limits=limits)
     if reason is not None and counter is not None:
         counter.record(reason, key)
     return image
 
 
 def decode_image_or_reason(
-    value: Any, alpha: Literal["white", "drop"] = "white"
+    value: Any, alpha: Literal["white", "drop"] = "white", limits: ImageLimits | None = None
 ) -> tuple[PILImage.Image | None, str | None]:
-    """Decode like `decode_image`, returning (image, None) or (None, why it was skipped)."""
+    """Decode like `decode_image`, returning (image, None) or (None, why it was skipped). `limits` (default:
+    the process's, see `set_image_limits`) decide which paths are read and how large an image may be."""
+    limits = limits or _image_limits
     if value is None or (isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None):
         return None, "missing value"
     if not isinstance(value, _IMAGE_VALUE_TYPES):
@@ -414,9 +520,13 @@ def decode_image_or_reason(
             "a PIL image or datasets' {'bytes', 'path'} dict."
         )
     try:
-        image = _open_image(value)
+        image = _open_image(value, limits)
+        if image.width * image.height > limits.max_pixels:
+            return None, "over pixel limit"
         image.load()
         return to_rgb(ImageOps.exif_transpose(image), alpha=alpha), None
+    except ImageRefused as refused:
+        return None, str(refused)
     except PILImage.DecompressionBombError:
         return None, "decompression bomb"
     except FileNotFoundError:
@@ -545,6 +655,8 @@ def shard_for_rank(
     dataset: datasets.Dataset | datasets.IterableDataset, rank: int, world_size: int
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Return this rank's disjoint shard (contiguous chunk for map-style, shards or 1-in-N for iterable)."""
+    from datasets.distributed import split_dataset_by_node
+
     _check_rank(rank, world_size)
     return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
 
@@ -567,6 +679,8 @@ def shuffled_shard_for_epoch(
     Every epoch the shards stay disjoint and cover the dataset, and each rank sees a fresh mix of samples.
     Iterable datasets use datasets' shard-order + buffer shuffle, re-seeded through `set_epoch`.
     """
+    import datasets
+
     _check_rank(rank, world_size)
     if isinstance(dataset, datasets.IterableDataset):
         shard = shard_for_rank(dataset.shuffle(seed=seed, buffer_size=buffer_size), rank, world_size)

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,20 +82,25 @@ class _PushJob:
     result: PushResult | None = field(default=None, repr=False)
 
 
-def configure_hub_http_timeout(seconds: float) -> None:
-    """Give `huggingface_hub`'s shared HTTP client a connect/read/write timeout, process-wide.
+def configure_hub_http_timeout(seconds: float) -> Callable[[], object]:
+    """Give `huggingface_hub`'s shared HTTP client a connect/read/write timeout, process-wide, until the
+    returned factory is given back to `set_client_factory` (`HubPusher.finish` does).
 
     The library's client has none, so a Hub that accepts a request and never answers blocks its caller.
     """
-    # The library's own factory keeps its request hooks (offline mode, request ids); only the timeout changes.
-    from huggingface_hub.utils._http import default_client_factory
+    # The factory in use keeps its request hooks (offline mode, request ids, a user's proxy); only the timeout
+    # changes. huggingface_hub has no public getter for it.
+    from huggingface_hub.utils import _http
+
+    previous = _http._GLOBAL_CLIENT_FACTORY
 
     def client_with_timeout():
-        client = default_client_factory()
+        client = previous()
         client.timeout = seconds
         return client
 
     set_client_factory(client_with_timeout)
+    return previous
 
 
 def scrub_token(text: str, token: str | None) -> str:
@@ -125,6 +131,7 @@ class HubPusher:
         http_timeout: float | None = 120.0,
         endpoint: str | None = None,
         ignore_patterns: tuple[str, ...] = DEFAULT_IGNORE_PATTERNS,
+        allow_patterns: Sequence[str] | None = None,
     ):
         _check_options(hub_model_id, hub_strategy, push_timeout)
         self._token = require_hub_token(hub_token)
@@ -134,9 +141,9 @@ class HubPusher:
         self.hub_revision = hub_revision or "main"
         self.push_timeout = push_timeout
         self.ignore_patterns = list(ignore_patterns)
+        self.allow_patterns = list(allow_patterns) if allow_patterns is not None else None
         self.results: list[PushResult] = []
-        if http_timeout is not None:
-            configure_hub_http_timeout(http_timeout)
+        self._previous_client_factory = configure_hub_http_timeout(http_timeout) if http_timeout else None
         self._api = HfApi(endpoint=endpoint, token=self._token)
         self._staging_root = Path(tempfile.mkdtemp(prefix="twist-hub-push-"))
         self._condition = threading.Condition()
@@ -171,6 +178,9 @@ class HubPusher:
             self._closed = True
             self._condition.notify_all()
         finished = self.wait(timeout)
+        if self._previous_client_factory is not None:
+            set_client_factory(self._previous_client_factory)
+            self._previous_client_factory = None
         with contextlib.suppress(OSError):
             self._staging_root.rmdir()  # empty unless an abandoned upload still reads its snapshot
         summary = self._summary(finished, timeout)
@@ -197,7 +207,7 @@ class HubPusher:
             raise RuntimeError("This HubPusher has finished; create a new one to push again.")
         staging = Path(tempfile.mkdtemp(dir=self._staging_root))
         try:
-            _copy_tree(Path(model_dir), staging, self.ignore_patterns)
+            _copy_tree(Path(model_dir), staging, self.ignore_patterns, self.allow_patterns)
             if checkpoint_dir is not None:
                 _copy_tree(Path(checkpoint_dir), staging / CHECKPOINT_FOLDER, [])
         except BaseException:
@@ -312,12 +322,12 @@ def _carry_checkpoint(superseded: Path, newer: Path) -> None:
         shutil.move(str(checkpoint), newer / CHECKPOINT_FOLDER)
 
 
-def _copy_tree(source: Path, target: Path, ignore_patterns: list[str]) -> None:
-    """Copy the files of `source` not matching `ignore_patterns` to `target`."""
+def _copy_tree(source: Path, target: Path, ignore_patterns: list[str], allow_patterns: list[str] | None = None) -> None:
+    """Copy the files of `source` matching `allow_patterns` (None: all) and not `ignore_patterns` to `target`."""
     if not source.is_dir():
         raise FileNotFoundError(f"Cannot push {source}: it is not a folder (save the model before pushing).")
     names = [path.relative_to(source).as_posix() for path in source.rglob("*") if path.is_file()]
-    for name in filter_repo_objects(names, ignore_patterns=ignore_patterns):
+    for name in filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source / name, target / name)
 

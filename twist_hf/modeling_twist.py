@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -183,6 +184,14 @@ def twist_image_processor(config: TwistConfig) -> BaseImageProcessor:
     return ViTImageProcessor(size={"height": config.image_size, "width": config.image_size}, **common)
 
 
+def _weights_readable_like_config(folder: Path) -> None:
+    """safetensors writes weights with mode 0600: give them config.json's mode (what the umask allows), so that
+    other users of a shared filesystem can load the model."""
+    mode = (folder / "config.json").stat().st_mode & 0o666
+    for weights in folder.glob("*.safetensors"):
+        weights.chmod(mode)
+
+
 class TwistPreTrainedModel(PreTrainedModel):
     config: TwistConfig
     config_class = TwistConfig
@@ -198,6 +207,7 @@ class TwistPreTrainedModel(PreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             twist_image_processor(self.config).save_pretrained(save_directory)
+            _weights_readable_like_config(Path(save_directory))
 
     def initialize_weights(self) -> None:
         """Every module's init, then the authors' ViT init where timm's differs (docs/method.md §2.3).

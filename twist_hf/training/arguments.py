@@ -15,6 +15,7 @@ from transformers import HfArgumentParser
 
 from ..cli import parse_with_config, read_yaml_options
 from ..configuration_twist import TWIST_PRESETS, TwistConfig, check_choice
+from ..data import DEFAULT_IMAGE_LIMITS, ImageLimits, dataset_roots
 from ..hub import HUB_STRATEGIES
 
 OPTIMIZERS = ("lars", "adamw", "sgd")
@@ -114,8 +115,26 @@ class DataArguments:
     global_crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
     local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per rank."})
+    image_roots: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Folders that image paths inside the dataset may point into, besides data_dir, the folders "
+            "of data_files and the datasets cache. Paths elsewhere are skipped and counted."
+        },
+    )
+    allow_remote_images: bool = field(
+        default=False, metadata={"help": "Fetch image paths that are URLs (http://, s3://, ...); off: skipped."}
+    )
+    max_image_bytes: int = field(
+        default=DEFAULT_IMAGE_LIMITS.max_bytes, metadata={"help": "Skip encoded images larger than this."}
+    )
+    max_image_pixels: int = field(
+        default=DEFAULT_IMAGE_LIMITS.max_pixels,
+        metadata={"help": "Skip images with more pixels (width x height) than this, before decoding them."},
+    )
 
     def __post_init__(self):
+        _check_ranges(self, DATA_RANGES)
         check_choice("augmentation_backend", self.augmentation_backend, AUGMENTATION_BACKENDS)
         if self.streaming and self.augmentation_backend == "batched":
             raise ValueError(
@@ -126,6 +145,15 @@ class DataArguments:
             low, high = getattr(self, name)
             if not 0 < low <= high <= 1:
                 raise ValueError(f"{name} must be two numbers 0 < min <= max <= 1, got {getattr(self, name)}.")
+
+    def image_limits(self) -> ImageLimits:
+        """What image paths and sizes the dataset's images may have (see `twist_hf.data.ImageLimits`)."""
+        return ImageLimits(
+            roots=dataset_roots(self.data_dir, self.data_files, self.image_roots),
+            allow_remote=self.allow_remote_images,
+            max_bytes=self.max_image_bytes,
+            max_pixels=self.max_image_pixels,
+        )
 
 
 @dataclass
@@ -203,16 +231,18 @@ class TwistTrainingArguments:
             self.output_dir = os.path.join("outputs", f"twist-{time.strftime('%Y%m%d-%H%M%S')}")
         # Absolute, because Ray Train workers run in a working directory of their own.
         self.output_dir = os.path.abspath(self.output_dir)
+        _check_ranges(self, TRAINING_RANGES)
         check_choice("optim", self.optim, OPTIMIZERS)
         check_choice("save_strategy", self.save_strategy, SAVE_STRATEGIES)
         check_choice("eval_strategy", self.eval_strategy, EVAL_STRATEGIES)
         check_choice("hub_strategy", self.hub_strategy, HUB_STRATEGIES)
         if self.bf16 and self.fp16:
             raise ValueError("Choose one of bf16 and fp16.")
-        if self.per_device_train_batch_size < 1:
-            raise ValueError("per_device_train_batch_size must be at least 1.")
         if self.num_train_epochs <= 0 and self.max_steps <= 0:
             raise ValueError("Set num_train_epochs > 0 or max_steps > 0.")
+        low, high = self.self_label_quantile
+        if not 0 <= low <= high <= 1:
+            raise ValueError(f"self_label_quantile must be two numbers 0 <= min <= max <= 1, got {[low, high]}.")
         if not 0 <= self.self_label_epochs < max(self.num_train_epochs, 1e-9) and self.max_steps <= 0:
             raise ValueError("self_label_epochs must be >= 0 and smaller than num_train_epochs.")
         if self.push_to_hub and not self.hub_model_id:
@@ -267,8 +297,7 @@ class LaunchArguments:
                 self.resources_per_worker = json.loads(self.resources_per_worker)
             except json.JSONDecodeError as error:
                 raise ValueError(f"resources_per_worker must be a JSON object: {error}") from error
-        if self.num_workers < 1:
-            raise ValueError("num_workers must be at least 1.")
+        _check_ranges(self, LAUNCH_RANGES)
 
 
 @dataclass
@@ -290,6 +319,74 @@ class PretrainArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TwistTrainingArguments, LaunchArguments)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric option: low/high bounds, each inclusive unless `*_open`."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def allows(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'greater than' if self.low_open else 'at least'} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_ONE, POSITIVE, NON_NEGATIVE = Range(1), Range(0, low_open=True), Range(0)
+FRACTION, MOMENTUM = Range(0, 1), Range(0, 1, high_open=True)
+DATA_RANGES = {
+    "max_train_samples": AT_LEAST_ONE,
+    "max_eval_samples": AT_LEAST_ONE,
+    "global_crop_size": AT_LEAST_ONE,
+    "local_crop_size": AT_LEAST_ONE,
+    "num_local_crops": NON_NEGATIVE,
+    "dataloader_num_workers": NON_NEGATIVE,
+    "max_image_bytes": AT_LEAST_ONE,
+    "max_image_pixels": AT_LEAST_ONE,
+}
+TRAINING_RANGES = {
+    "num_train_epochs": NON_NEGATIVE,
+    "per_device_train_batch_size": AT_LEAST_ONE,
+    "learning_rate": POSITIVE,
+    "min_lr_ratio": FRACTION,
+    "weight_decay": NON_NEGATIVE,
+    "weight_decay_end": NON_NEGATIVE,
+    "warmup_steps": NON_NEGATIVE,
+    "warmup_ratio": FRACTION,
+    "warmup_epochs": NON_NEGATIVE,
+    "momentum": MOMENTUM,
+    "lars_eta": POSITIVE,
+    "adam_beta1": MOMENTUM,
+    "adam_beta2": MOMENTUM,
+    "max_grad_norm": NON_NEGATIVE,
+    "teacher_momentum": FRACTION,
+    "self_label_learning_rate": POSITIVE,
+    "self_label_warmup_epochs": NON_NEGATIVE,
+    "logging_steps": AT_LEAST_ONE,
+    "save_steps": AT_LEAST_ONE,
+    "save_total_limit": AT_LEAST_ONE,
+    "knn_k": AT_LEAST_ONE,
+    "knn_temperature": POSITIVE,
+    "hub_push_timeout": POSITIVE,
+}
+LAUNCH_RANGES = {"num_workers": AT_LEAST_ONE, "max_failures": Range(-1)}
+
+
+def _check_ranges(arguments, ranges: dict[str, Range]) -> None:
+    """One clear error for the first option (left at None: not set) outside its allowed range."""
+    for name, allowed in ranges.items():
+        value = getattr(arguments, name)
+        if value is not None and not allowed.allows(value):
+            raise ValueError(f"--{name} must be {allowed}, got {value!r}.")
 
 
 def _without_token(training: TwistTrainingArguments) -> dict:

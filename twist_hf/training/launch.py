@@ -13,10 +13,20 @@ from pathlib import Path
 
 import torch
 
+from ..data import using_image_limits
 from ..distributed import bunch_layout
 from ..hub import require_hub_token
-from ..outputs import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, LOG_FILE, MODEL_DIR, RAY_STORAGE_DIR, RESULTS_FILE
+from ..outputs import (
+    CHECKPOINT_PREFIX,
+    CHECKPOINTS_DIR,
+    LOG_FILE,
+    MODEL_DIR,
+    RAY_STORAGE_DIR,
+    RESULTS_FILE,
+    remove_run_outputs,
+)
 from .arguments import PretrainArguments, arguments_from_dict
+from .checkpoint import TRAINER_STATE, CheckpointError, checkpoint_problem, find_latest_checkpoint
 from .storage import StorageError, check_storage_reachable, find_latest_stored_checkpoint, is_remote
 
 # The run (`.loop`) and the data checks (`.data`) are imported where they are used: they load `datasets`, which
@@ -55,6 +65,7 @@ def validate_before_launch(args: PretrainArguments) -> None:
     _check_bunch(config, args.training.per_device_train_batch_size, world_size_for(args))
     check_dataset(args.data, need_labels=bool(args.data.eval_split))
     _check_output_dir(args)
+    _check_resume(args)
     if args.training.push_to_hub:
         _check_hub_token(args)
     if args.launch.use_gpu and args.launch.launcher == "local" and not torch.cuda.is_available():
@@ -84,6 +95,24 @@ def _check_output_dir(args: PretrainArguments) -> None:
             f"The output folder {output} already holds a run. Pass --resume_from_checkpoint latest to continue "
             "it, --overwrite_output_dir to train anew into it, or another --output_dir."
         )
+
+
+def _check_resume(args: PretrainArguments) -> None:
+    """`latest` needs a readable checkpoint in output_dir; a local checkpoint folder must read back whole."""
+    spec = args.training.resume_from_checkpoint
+    if spec == "latest":
+        if find_latest_checkpoint(args.training.output_dir) is None:
+            raise LaunchError(
+                f"--resume_from_checkpoint latest: no readable checkpoint under {args.training.output_dir}. "
+                "Check --output_dir, or start anew without --resume_from_checkpoint."
+            )
+    elif spec is not None and (Path(spec) / TRAINER_STATE).is_file():
+        problem = checkpoint_problem(spec)
+        if problem is not None:
+            raise CheckpointError(
+                f"Cannot resume from {spec}: {problem}. It was probably cut short by a crash or a full disk; "
+                "pass an older checkpoint, or --resume_from_checkpoint latest, which skips unreadable ones."
+            )
 
 
 def _check_hub_token(args: PretrainArguments) -> None:
@@ -130,9 +159,14 @@ def ray_train_loop(loop_config: dict) -> None:
     from .loop import train_worker
 
     args = arguments_from_dict(loop_config["args"])
+    if loop_config.get("hub_token") is not None:
+        import ray
+
+        args.training.hub_token = ray.get(loop_config["hub_token"])
     set_worker_threads(args)
     placement = worker_placement()
-    train_worker(args, RayReporter(len(set(placement)), loop_config.get("initial_checkpoint")))
+    with using_image_limits(args.data.image_limits()):
+        train_worker(args, RayReporter(len(set(placement)), loop_config.get("initial_checkpoint")))
 
 
 def worker_placement() -> list[str]:
@@ -229,9 +263,8 @@ def start_ray(args: PretrainArguments) -> bool:
     for key, value in RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     address = args.launch.ray_address or os.environ.get("RAY_ADDRESS")
+    # No secret here: Ray's dashboard and job records show the runtime_env (see `train_loop_config`).
     env_vars = {key: os.environ[key] for key in RAY_TRAIN_ENV}
-    if args.training.hub_token:
-        env_vars["HF_TOKEN"] = args.training.hub_token
     ray.init(
         address=address,
         include_dashboard=args.launch.ray_dashboard if address is None else None,
@@ -258,7 +291,7 @@ def build_torch_trainer(
     resources = worker_resources(args)
     return TorchTrainer(
         train_loop_per_worker=ray_train_loop,
-        train_loop_config={"args": args.to_dict(), "initial_checkpoint": initial_checkpoint},
+        train_loop_config=train_loop_config(args, initial_checkpoint),
         scaling_config=ScalingConfig(
             num_workers=args.launch.num_workers,
             use_gpu=args.launch.use_gpu,
@@ -273,6 +306,20 @@ def build_torch_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=args.training.save_total_limit),
         ),
     )
+
+
+def train_loop_config(args: PretrainArguments, initial_checkpoint: str | None = None) -> dict:
+    """What every worker receives: the arguments without the Hub token, the checkpoint a fresh run starts from,
+    and the token (if any) as an object in Ray's object store, whose contents Ray's dashboard and job records
+    never show."""
+    import ray
+
+    token = args.training.hub_token
+    return {
+        "args": args.to_dict(),
+        "initial_checkpoint": initial_checkpoint,
+        "hub_token": ray.put(token) if token else None,
+    }
 
 
 def run_ray(args: PretrainArguments) -> dict:
@@ -342,10 +389,12 @@ def _record_run_results(metrics: dict, output_dir: Path) -> None:
 
 def launch(args: PretrainArguments) -> dict:
     """Validate, run with the chosen launcher, and say where everything is."""
-    validate_before_launch(args)
-    if args.training.overwrite_output_dir and args.training.resume_from_checkpoint is None:
-        shutil.rmtree(args.training.output_dir, ignore_errors=True)
-    metrics = run_ray(args) if args.launch.launcher == "ray" else run_local(args)
+    with using_image_limits(args.data.image_limits()):
+        validate_before_launch(args)
+        if args.training.overwrite_output_dir and args.training.resume_from_checkpoint is None:
+            for path in remove_run_outputs(args.training.output_dir):
+                logger.info("--overwrite_output_dir: removed %s of the previous run.", path)
+        metrics = run_ray(args) if args.launch.launcher == "ray" else run_local(args)
     if metrics.get("status") == "diverged":
         raise RuntimeError(metrics.get("error", "Training diverged."))
     return metrics

@@ -11,12 +11,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..hub import require_hub_token
-from ..outputs import RAY_STORAGE_DIR
+from ..outputs import RAY_STORAGE_DIR, remove_paths
 from ..training.arguments import PretrainArguments
 from ..training.launch import check_nodes_import_package, start_ray, validate_before_launch, worker_resources
 from ..training.storage import is_remote, open_storage
 from .arguments import SweepSetup
-from .results import BEST_CONFIG, PLOT_FILE, plain, plot_metric, trials_table, write_best_config, write_tables
+from .results import (
+    BEST_CONFIG,
+    PLOT_FILE,
+    TRIALS_CSV,
+    TRIALS_MD,
+    plain,
+    plot_metric,
+    trials_table,
+    write_best_config,
+    write_tables,
+)
 from .space import Dimension, SearchSpaceError, check_search_algorithm, param_space, parse_search_space
 from .trial import run_trial, trial_arguments
 
@@ -45,6 +55,11 @@ class SweepPlan:
     @property
     def experiment_path(self) -> str:
         return f"{self.storage}/{self.name}"
+
+    @property
+    def train_storage(self) -> str:
+        """Ray Train runs of multi-worker trials (a folder or an object-storage URI)."""
+        return f"{self.storage}/{self.name}-train-runs"
 
     @property
     def trials_dir(self) -> Path:
@@ -120,12 +135,16 @@ def _experiment_saved(plan: SweepPlan) -> bool:
     return filesystem.get_file_info(f"{path}/tuner.pkl").type == pyarrow.fs.FileType.File
 
 
-def _delete_experiment(plan: SweepPlan) -> None:
-    if is_remote(plan.storage):
-        filesystem, path = open_storage(plan.experiment_path)
+def _delete_stored(location: str) -> None:
+    """Delete a folder of the sweep's storage, local or in a bucket, if it exists."""
+    import pyarrow.fs
+
+    if not is_remote(location):
+        shutil.rmtree(location, ignore_errors=True)
+        return
+    filesystem, path = open_storage(location)
+    if filesystem.get_file_info(path).type == pyarrow.fs.FileType.Directory:
         filesystem.delete_dir(path)
-    else:
-        shutil.rmtree(plan.experiment_path, ignore_errors=True)
 
 
 def _check_output(plan: SweepPlan) -> None:
@@ -141,8 +160,19 @@ def _check_output(plan: SweepPlan) -> None:
                 f"{plan.experiment_path} already holds a sweep: pass --resume to continue it, "
                 "--overwrite_output_dir to start anew, or another --output_dir."
             )
-        shutil.rmtree(plan.output_dir, ignore_errors=True)
-        _delete_experiment(plan)
+        remove_sweep_outputs(plan)
+
+
+def remove_sweep_outputs(plan: SweepPlan) -> list[Path]:
+    """--overwrite_output_dir: delete the previous sweep's own outputs (its trials, tables, plot, best config
+    and Ray Tune state), never other files in the output folder."""
+    results = [plan.output_dir / name for name in (TRIALS_CSV, TRIALS_MD, PLOT_FILE, BEST_CONFIG)]
+    removed = remove_paths([plan.trials_dir, *results])
+    for location in (plan.experiment_path, plan.train_storage):
+        _delete_stored(location)
+    for path in removed:
+        logger.info("--overwrite_output_dir: removed %s of the previous sweep.", path)
+    return removed
 
 
 def trial_resources(base: PretrainArguments) -> dict:
@@ -223,7 +253,7 @@ def _trainable(plan: SweepPlan):
         "base": plan.setup.base.to_dict(),
         "metric": plan.setup.sweep.metric,
         "trials_dir": str(plan.trials_dir),
-        "train_storage": f"{plan.storage}/{plan.name}-train-runs",
+        "train_storage": plan.train_storage,
     }
     return tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_function_resources(plan.setup.base))
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 from ..training.arguments import PretrainArguments, arguments_from_dict
@@ -24,6 +25,9 @@ TRIAL_SETTINGS = {
     ("training", "push_to_hub"): False,
     ("launch", "launcher"): "ray",
 }
+
+
+DIVERGED_FILE = "diverged.json"
 
 
 class TrialDivergedError(RuntimeError):
@@ -89,20 +93,28 @@ def run_trial(config: dict, setup: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     metric = setup["metric"]
     args = trial_arguments(setup["base"], config, Path(setup["trials_dir"]) / trial_id, metric)
+    marker = Path(args.training.output_dir) / DIVERGED_FILE
+    if marker.is_file():
+        # A restored sweep (--resume) would train it again with the same seed and diverge again.
+        raise TrialDivergedError(f"{json.loads(marker.read_text())['error']} (diverged before --resume; not re-run)")
     if args.launch.num_workers == 1:
         final = _train_in_this_process(args, metric)
     else:
         final = _train_on_ray_train(args, metric, name=trial_id, storage=setup["train_storage"])
     if final.get("status") == "diverged":
-        raise TrialDivergedError(final.get("error", "The loss stopped being finite."))
+        error = final.get("error", "The loss stopped being finite.")
+        marker.write_text(json.dumps({"error": error}))
+        raise TrialDivergedError(error)
 
 
 def _train_in_this_process(args: PretrainArguments, metric: str) -> dict:
+    from ..data import using_image_limits
     from ..training.launch import set_worker_threads
     from ..training.loop import train_worker
 
     set_worker_threads(args)
-    return train_worker(args, TuneReporter(metric))
+    with using_image_limits(args.data.image_limits()):
+        return train_worker(args, TuneReporter(metric))
 
 
 def _train_on_ray_train(args: PretrainArguments, metric: str, name: str, storage: str) -> dict:
