@@ -120,7 +120,7 @@ def test_solarize_grayscale_and_flip_equal_pillows():
     solarized = identity_crop(solarize_probabilities=(1, 1, 1))(image)[0]
     torch.testing.assert_close(solarized, as_view(ImageOps.solarize(image, threshold=128)))
     grayscale = identity_crop(grayscale_probability=1.0)(image)[0]
-    assert (grayscale * 255 - as_view(image.convert("L")) * 255).abs().max() <= 1  # OpenCV and Pillow round
+    assert ((grayscale - as_view(image.convert("L"))) * 255).abs().max() <= 1 + 1e-3  # OpenCV and Pillow round
     flipped = identity_crop(flip_probability=1.0)(image)[0]
     torch.testing.assert_close(flipped, as_view(image.transpose(Image.FLIP_LEFT_RIGHT)))
 

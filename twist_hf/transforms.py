@@ -189,7 +189,8 @@ class MultiCropTransform(MultiCropLaw):
         pixels = np.empty((len(crops), size, size, 3), dtype=np.uint8)
         for index, crop in enumerate(crops):
             pixels[index] = crop[..., None] if crop.ndim == 2 else crop
-        return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().sub_(self.mean * 255).div_(self.std * 255)
+        planar = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()  # transpose the bytes, not the floats
+        return planar.float().mul_(1 / (self.std * 255)).add_(-self.mean / self.std)
 
 
 def crop_resize(pixels: np.ndarray, box: tuple[float, float, float, float], size: int) -> np.ndarray:
