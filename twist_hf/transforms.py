@@ -186,10 +186,10 @@ class MultiCropTransform(MultiCropLaw):
     def _normalise(self, crops: list[np.ndarray]) -> torch.Tensor:
         """Same-size uint8 crops (HWC or HW) -> normalised float (N, 3, S, S), one conversion for all of them."""
         size = crops[0].shape[0]
-        pixels = np.empty((len(crops), size, size, 3), dtype=np.uint8)
-        for index, crop in enumerate(crops):
-            pixels[index] = crop[..., None] if crop.ndim == 2 else crop
-        planar = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()  # transpose the bytes, not the floats
+        planar = torch.empty((len(crops), 3, size, size), dtype=torch.uint8)
+        for index, crop in enumerate(crops):  # stack and transpose the bytes in one copy; grayscale broadcasts
+            pixels = torch.from_numpy(crop)
+            planar[index] = pixels.permute(2, 0, 1) if crop.ndim == 3 else pixels
         return planar.float().mul_(1 / (self.std * 255)).add_(-self.mean / self.std)
 
 
