@@ -104,3 +104,16 @@ def test_views_match_the_authors_pipeline_in_distribution(china):
     standard_error = ((ours_stats.var(0) + authors_stats.var(0)) / len(ours_stats)).sqrt()
     assert ((ours_stats.mean(0) - authors_stats.mean(0)).abs() < 4 * standard_error).all()
     assert torch.allclose(ours_stats.std(0), authors_stats.std(0), rtol=0.15)
+
+
+def test_benchmark_reports_wall_and_cpu_rates_against_the_authors():
+    from augmentation import AUTHORS, OURS, run
+
+    results = run(warmup=0, reps=2, num_local=1, global_size=32, local_size=16, max_images=2)
+    assert results["views"] == "2x32 + 1x16" and len(results["images"]) == 2
+    authors, ours = results["pipelines"][AUTHORS], results["pipelines"][OURS]
+    assert authors["speedup_vs_authors"] == authors["speedup_vs_authors_cpu"] == 1
+    for pipeline in (authors, ours):
+        assert pipeline["img_per_s"]["reps"] == pipeline["img_per_cpu_s"]["reps"] == 2
+        assert 0 < pipeline["img_per_s"]["median"] and 0 < pipeline["img_per_cpu_s"]["median"]
+    assert ours["speedup_vs_authors_cpu"] == ours["img_per_cpu_s"]["median"] / authors["img_per_cpu_s"]["median"]
