@@ -83,7 +83,7 @@ def test_colour_operations_equal_torchvision_at_a_fixed_factor(factor):
 
 @pytest.mark.parametrize("factor", [0.7, 1.3])
 def test_colour_operations_match_the_per_image_pillow_ones(china, factor):
-    """Same factor, same result within uint8 rounding (hue: within Pillow's one-byte hue quantisation)."""
+    """Same factor, same result within uint8 rounding (hue: within the one-byte hue quantisation of OpenCV's HSV)."""
     crop = china.resize((64, 48))
     pixels = as_tensor(crop).float().unsqueeze(0) / 255
     hue = factor - 1.0
@@ -91,7 +91,7 @@ def test_colour_operations_match_the_per_image_pillow_ones(china, factor):
         (adjust_brightness(pixels, torch.tensor([factor])), adjust_brightness_lut(crop, factor), 1),
         (adjust_contrast(pixels, torch.tensor([factor])), adjust_contrast_lut(crop, factor), 2),
         (adjust_saturation(pixels, torch.tensor([factor])), pillow_saturation(crop, factor), 2),
-        (adjust_hue(pixels, torch.tensor([hue])), adjust_hue_lut(crop, hue), 6),
+        (adjust_hue(pixels, torch.tensor([hue])), adjust_hue_lut(crop, hue), 8),
     )
     for ours, per_image, max_levels in pairs:
         difference = (ours[0] * 255 - as_tensor(per_image).float()).abs()

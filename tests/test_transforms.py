@@ -5,11 +5,12 @@ import io
 import math
 import random
 
+import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import RandomResizedCrop
 
 from twist_hf.transforms import (
@@ -104,6 +105,36 @@ def test_multi_crop_with_everything_off_is_a_resize():
     image = random_uint8(3, 20, 20)
     for view in transform(image):
         torch.testing.assert_close(view, image.float() / 255)
+
+
+def identity_crop(flip_probability: float = 0.0, **photometric) -> MultiCropTransform:
+    """A full-image, unnormalised view with only the given photometric operations switched on."""
+    only = {**NO_PHOTOMETRIC, **photometric, "mean": (0.0,), "std": (1.0,)}
+    return MultiCropTransform(
+        global_size=40, global_scale=(1, 1), ratio=(1, 1), flip_probability=flip_probability, **only
+    )
+
+
+def test_solarize_grayscale_and_flip_equal_pillows():
+    image = Image.fromarray(random_uint8(40, 40, 3).numpy())
+    solarized = identity_crop(solarize_probabilities=(1, 1, 1))(image)[0]
+    torch.testing.assert_close(solarized, as_view(ImageOps.solarize(image, threshold=128)))
+    grayscale = identity_crop(grayscale_probability=1.0)(image)[0]
+    assert ((grayscale - as_view(image.convert("L"))) * 255).abs().max() <= 1 + 1e-3  # OpenCV and Pillow round
+    flipped = identity_crop(flip_probability=1.0)(image)[0]
+    torch.testing.assert_close(flipped, as_view(image.transpose(Image.FLIP_LEFT_RIGHT)))
+
+
+def as_view(image: Image.Image) -> torch.Tensor:
+    """A PIL image as the float view (3, H, W) in [0, 1] that the unnormalised transform gives."""
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    return pixels.float() / 255
+
+
+def test_transform_runs_opencv_on_one_thread():
+    cv2.setNumThreads(2)
+    identity_crop()(random_uint8(3, 40, 40))
+    assert cv2.getNumThreads() == 1
 
 
 def test_self_labeling_scales_follow_the_spec_and_plug_into_both_transforms():

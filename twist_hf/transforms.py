@@ -1,4 +1,4 @@
-"""TWIST augmentations: the paper's multi-crop / two-view transform (Pillow, per image), a fast
+"""TWIST augmentations: the paper's multi-crop / two-view transform (OpenCV on uint8, per image), a fast
 batched version for small in-memory images (one affine grid_sample per view), and evaluation transforms."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import random
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image as PILImage
-from PIL import ImageFilter, ImageOps
 from torchvision.transforms import InterpolationMode, v2
 
 from .configuration_twist import IMAGENET_MEAN, IMAGENET_STD
@@ -28,7 +28,7 @@ SOLARIZE_PROBABILITIES = (0.0, 0.2, 0.0)
 _RANDOM_RESIZED_CROP_ATTEMPTS = 10
 _GRAYSCALE_WEIGHTS = (0.299, 0.587, 0.114)
 _LEVELS = np.arange(256, dtype=np.float64)
-_IDENTITY_TABLE = list(range(256))
+_SOLARIZE_TABLE = np.where(_LEVELS >= 128, 255 - _LEVELS, _LEVELS).astype(np.uint8)  # threshold 128, as Pillow
 
 
 def self_labeling_crop_scales() -> dict[str, tuple[float, float]]:
@@ -66,7 +66,7 @@ def _blur_kernel_size(size: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Per-image transform (Pillow geometry and colour on uint8, one float conversion per resolution)
+# Per-image transform (OpenCV geometry and colour on uint8, one float conversion per resolution)
 # --------------------------------------------------------------------------------------------
 
 
@@ -125,18 +125,21 @@ class MultiCropLaw:
 class MultiCropTransform(MultiCropLaw):
     """Turn one image into TWIST's views [global0, global1, *locals] (`MultiCropLaw`), as fast as one core allows.
 
-    Crops with torchvision's box law, bicubic antialiased (one Pillow `resize(box=...)`), then Pillow colour
-    operations on uint8 (brightness and contrast as lookup tables), Pillow's Gaussian blur as the reference code,
-    one float conversion per resolution. Takes a PIL image (best opened but not yet decoded: JPEGs then decode at a
-    reduced size when every sampled crop keeps at least its output size), a HWC array or a (C)HW uint8 tensor.
+    Crops with torchvision's box law; resizes each box with OpenCV (area averaging when shrinking, the closest to
+    Pillow's antialiased bicubic; bicubic when enlarging); colour jitter, grayscale, Gaussian blur and solarize as
+    OpenCV operations on uint8 (one thread); one float conversion per resolution. Takes a PIL image (best opened but
+    not yet decoded: JPEGs then decode at a reduced size when every sampled crop keeps at least its output size),
+    a HWC array or a (C)HW uint8 tensor.
     """
 
     def __call__(self, image: PILImage.Image | torch.Tensor | np.ndarray) -> list[torch.Tensor]:
         """Return the 2 + num_local_crops float views (3, size, size) of `image`."""
+        cv2.setNumThreads(1)  # one core per data-loader worker; process-wide, so set in the worker itself
         image = _as_pil(image)
         boxes = [self.sample_box(image.size, view) for view in range(len(self.sizes))]
         image, boxes = self.decode(image, boxes)
-        crops = [self._view(image, box, view) for view, box in enumerate(boxes)]
+        pixels = np.asarray(image)
+        crops = [self._view(pixels, box, view) for view, box in enumerate(boxes)]
         views: list[torch.Tensor] = []
         for start, end in _same_size_runs(self.sizes):
             views.extend(self._normalise(crops[start:end]).unbind(0))
@@ -165,30 +168,46 @@ class MultiCropTransform(MultiCropLaw):
             boxes = [(top * y_scale, left * x_scale, h * y_scale, w * x_scale) for top, left, h, w in boxes]
         return (image if image.mode == "RGB" else image.convert("RGB")), boxes
 
-    def _view(self, image: PILImage.Image, box: tuple[float, float, float, float], view: int) -> PILImage.Image:
-        """One view's crop, uint8; a grayscale draw stays single-channel ("L") until `_normalise`."""
-        size = self.sizes[view]
-        top, left, height, width = box
-        crop = image.resize((size, size), PILImage.BICUBIC, box=(left, top, left + width, top + height))
+    def _view(self, pixels: np.ndarray, box: tuple[float, float, float, float], view: int) -> np.ndarray:
+        """One view's crop, uint8 HWC; a grayscale draw stays single-channel (HW) until `_normalise`."""
+        crop = crop_resize(pixels, box, self.sizes[view])
         if random.random() < self.flip_probability:
-            crop = crop.transpose(PILImage.FLIP_LEFT_RIGHT)
+            crop = cv2.flip(crop, 1)
         if random.random() < self.jitter_probability:
             crop = colour_jitter(crop, *self.jitter)
         if random.random() < self.grayscale_probability:
-            crop = crop.convert("L")
+            crop = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
         if random.random() < self.blur_probabilities[view]:
-            crop = crop.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.blur_sigma)))
+            crop = gaussian_blur(crop, random.uniform(*self.blur_sigma))
         if random.random() < self.solarize_probabilities[view]:
-            crop = ImageOps.solarize(crop, threshold=128)
+            crop = cv2.LUT(crop, _SOLARIZE_TABLE)
         return crop
 
-    def _normalise(self, crops: list[PILImage.Image]) -> torch.Tensor:
-        """Same-size uint8 crops (RGB or L) -> normalised float (N, 3, S, S), one conversion for all of them."""
-        size = crops[0].size[0]
-        pixels = np.empty((len(crops), size, size, 3), dtype=np.uint8)
-        for index, crop in enumerate(crops):
-            pixels[index] = np.asarray(crop)[..., None] if crop.mode == "L" else np.asarray(crop)
-        return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().sub_(self.mean * 255).div_(self.std * 255)
+    def _normalise(self, crops: list[np.ndarray]) -> torch.Tensor:
+        """Same-size uint8 crops (HWC or HW) -> normalised float (N, 3, S, S), one conversion for all of them."""
+        size = crops[0].shape[0]
+        planar = torch.empty((len(crops), 3, size, size), dtype=torch.uint8)
+        for index, crop in enumerate(crops):  # stack and transpose the bytes in one copy; grayscale broadcasts
+            pixels = torch.from_numpy(crop)
+            planar[index] = pixels.permute(2, 0, 1) if crop.ndim == 3 else pixels
+        return planar.float().mul_(1 / (self.std * 255)).add_(-self.mean / self.std)
+
+
+def crop_resize(pixels: np.ndarray, box: tuple[float, float, float, float], size: int) -> np.ndarray:
+    """The box (top, left, height, width; edges rounded to whole pixels) of a uint8 HWC image resized to size x size:
+    area averaging when both sides shrink (closest to Pillow's antialiased bicubic, within ~2 levels on average),
+    bicubic otherwise."""
+    top, left, height, width = (round(value) for value in box)
+    roi = pixels[top : top + max(height, 1), left : left + max(width, 1)]
+    shrinking = roi.shape[0] >= size and roi.shape[1] >= size
+    return cv2.resize(roi, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
+
+
+def gaussian_blur(pixels: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of a uint8 image with standard deviation `sigma` (Pillow's GaussianBlur radius), kernel out to
+    3 sigma, edges replicated as Pillow does."""
+    kernel_size = 2 * math.ceil(3 * sigma) + 1
+    return cv2.GaussianBlur(pixels, (kernel_size, kernel_size), sigma, borderType=cv2.BORDER_REPLICATE)
 
 
 def _check_jitter(jitter: Sequence[float]) -> tuple[float, float, float, float]:
@@ -232,11 +251,9 @@ def random_resized_crop_box(
     return _centre_crop_box(height, width, ratio)
 
 
-def colour_jitter(
-    crop: PILImage.Image, brightness: float, contrast: float, saturation: float, hue: float
-) -> PILImage.Image:
-    """torchvision's ColorJitter on a uint8 RGB PIL image: factors uniform in [max(0, 1 - s), 1 + s] (hue in
-    [-h, h]), applied in a random order; brightness and contrast as lookup tables, hue as a lookup on HSV."""
+def colour_jitter(crop: np.ndarray, brightness: float, contrast: float, saturation: float, hue: float) -> np.ndarray:
+    """torchvision's ColorJitter on a uint8 RGB image (HWC array): factors uniform in [max(0, 1 - s), 1 + s] (hue in
+    [-h, h]), applied in a random order."""
     factors = (
         random.uniform(max(0.0, 1 - brightness), 1 + brightness),
         random.uniform(max(0.0, 1 - contrast), 1 + contrast),
@@ -248,26 +265,35 @@ def colour_jitter(
     return crop
 
 
-def adjust_brightness_lut(image: PILImage.Image, factor: float) -> PILImage.Image:
-    """Pillow's brightness (blend with black: v * factor, clipped) as one lookup table."""
-    return image.point(_linear_lut(factor, 0.0) * len(image.getbands()))
+def adjust_brightness_lut(image: np.ndarray, factor: float) -> np.ndarray:
+    """Pillow's brightness (blend with black: v * factor, clipped) of a uint8 image as one lookup table."""
+    return cv2.LUT(np.asarray(image), _linear_lut(factor, 0.0))
 
 
-def adjust_contrast_lut(image: PILImage.Image, factor: float) -> PILImage.Image:
-    """torchvision's PIL contrast (blend with the rounded mean luma) as one lookup table."""
-    histogram = np.asarray(image.convert("L").histogram(), dtype=np.float64)
-    mean = int(histogram @ _LEVELS / histogram.sum() + 0.5)
-    return image.point(_linear_lut(factor, (1 - factor) * mean) * len(image.getbands()))
+def adjust_contrast_lut(image: np.ndarray, factor: float) -> np.ndarray:
+    """torchvision's PIL contrast (blend with the rounded mean luma) of a uint8 image as one lookup table."""
+    pixels = np.asarray(image)
+    mean = int(cv2.mean(_luma(pixels))[0] + 0.5)
+    return cv2.LUT(pixels, _linear_lut(factor, (1 - factor) * mean))
 
 
-def adjust_saturation(image: PILImage.Image, factor: float) -> PILImage.Image:
+def adjust_saturation(image: np.ndarray, factor: float) -> np.ndarray:
     """Pillow's colour enhancement (blend with the luma image), as torchvision's PIL `adjust_saturation`."""
-    return PILImage.blend(image.convert("L").convert(image.mode), image, factor)
+    pixels = np.asarray(image)
+    if pixels.ndim == 2:
+        return pixels
+    grey = cv2.cvtColor(_luma(pixels), cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(pixels, factor, grey, 1.0 - factor, 0.0)
 
 
-def _linear_lut(factor: float, offset: float) -> list[int]:
-    """Table of v -> clip(round(factor * v + offset), 0, 255) for one band."""
-    return np.clip(np.floor(_LEVELS * factor + (offset + 0.5)), 0, 255).astype(np.int64).tolist()
+def _luma(pixels: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma of a uint8 RGB image (Pillow's "L" conversion), or the image itself when single-channel."""
+    return pixels if pixels.ndim == 2 else cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
+
+
+def _linear_lut(factor: float, offset: float) -> np.ndarray:
+    """Table of v -> clip(round(factor * v + offset), 0, 255), uint8."""
+    return np.clip(np.floor(_LEVELS * factor + (offset + 0.5)), 0, 255).astype(np.uint8)
 
 
 def _to_uint8_rgb(image: PILImage.Image | torch.Tensor | Any) -> torch.Tensor:
@@ -612,15 +638,24 @@ def _same_size_runs(sizes: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def adjust_hue_lut(image: PILImage.Image, hue_factor: float) -> PILImage.Image:
-    """torchvision's PIL `adjust_hue` (shift of the HSV hue byte, wrapping), with a lookup table instead of numpy."""
+def adjust_hue_lut(image: np.ndarray, hue_factor: float) -> np.ndarray:
+    """torchvision's PIL `adjust_hue` (shift of the HSV hue byte, wrapping) on a uint8 RGB image, with OpenCV's
+    full-range HSV (its rounding differs from Pillow's by at most a few levels)."""
     if not -0.5 <= hue_factor <= 0.5:
         raise ValueError(f"hue_factor must be in [-0.5, 0.5], got {hue_factor}.")
-    if image.mode in {"L", "1", "I", "F"}:
-        return image
-    shift = int(np.int8(hue_factor * 255))
-    table = ((_LEVELS + shift) % 256).astype(np.int64).tolist() + _IDENTITY_TABLE * 2  # hue byte only
-    return image.convert("HSV").point(table).convert(image.mode)
+    pixels = np.asarray(image)
+    if pixels.ndim == 2:
+        return pixels
+    hsv = cv2.cvtColor(pixels, cv2.COLOR_RGB2HSV_FULL)
+    cv2.LUT(hsv, _hue_table(int(np.int8(hue_factor * 255))), dst=hsv)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
+
+
+def _hue_table(shift: int) -> np.ndarray:
+    """Three-band lookup table (1, 256, 3) that adds `shift` to the hue byte (mod 256) and keeps S and V."""
+    table = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    table[:, 0] = (np.arange(256) + shift) % 256
+    return table.reshape(1, 256, 3)
 
 
 _COLOUR_OPERATIONS = (adjust_brightness_lut, adjust_contrast_lut, adjust_saturation, adjust_hue_lut)
