@@ -1,5 +1,5 @@
 """Multi-crop augmentation throughput per worker process (1 thread) on JPEG photographs of ImageNet's average
-size: the authors' pipeline (PIL decode, torchvision transforms on PIL images, PIL blur, spec section 5) against
+size: the authors' pipeline (PIL decode, torchvision transforms on PIL images, PIL blur, docs/method.md §5) against
 `twist_hf.transforms.MultiCropTransform`, both starting from the encoded file bytes (decoding is part of a data
 loader's work) and ending in normalised float views. Wall-clock and process (CPU) time are both reported: on a
 shared machine the CPU time of this one thread is the less noisy measure of per-core throughput."""
@@ -80,7 +80,7 @@ class PILSolarization:
 
 
 def authors_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
-    """One view of the authors' pipeline (torchvision v1 on PIL images, spec section 5)."""
+    """One view of the authors' pipeline (torchvision v1 on PIL images, docs/method.md §5)."""
     return T.Compose(
         [
             T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC),
