@@ -19,6 +19,7 @@ import datetime as dt
 import itertools
 import json
 import math
+import shlex
 import sys
 import tempfile
 import time
@@ -320,7 +321,7 @@ def results_markdown(results: dict) -> str:
         [
             f"## Peers at the same budget ({results['label']})",
             "",
-            f"{results['budget_s']:.0f} s of training per method, one process, {results['threads']} CPU threads, "
+            f"{results['budget_s']:.0f} s of training per method, one process, CPU threads: {results['threads']}, "
             f"global batch {results['global_batch']}, the recipe {results['recipe']} (backbone, two-view batched "
             f"augmentation, SGD, bf16 + channels_last) on {results['train_samples']} training images; scored on "
             f"{results['eval_train_samples']} train / {results['test_samples']} test images: kNN k=20, T=0.07, "
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
     options = parse_args(argv)
     learning_rates_to_run(options.methods, options.learning_rates)  # bad names fail before any training
     results = run(options)
-    results["command"] = "python benchmarks/peers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results["command"] = shlex.join(["python", "benchmarks/peers.py", *(argv if argv is not None else sys.argv[1:])])
     stem = f"peers-{device_slug(torch.device('cpu'))}-{dt.date.today().isoformat()}"
     write_json(options.output_dir / f"{stem}.json", results)
     markdown = results_markdown(results)
