@@ -46,9 +46,10 @@ TINY = [
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
-def test_there_are_five_recipes():
+def test_there_are_six_recipes():
     assert {path.name for path in RECIPES} == {
         "fmnist.yaml",
+        "fmnist-classes.yaml",
         "imagenet-resnet50-multicrop.yaml",
         "imagenet-resnet50-twoview.yaml",
         "imagenet-vit-s16.yaml",
@@ -99,6 +100,19 @@ def recipe_views(args, config) -> list[torch.Tensor]:
     size = args.data.global_crop_size or config.image_size
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size + 13, size + 29, 3), np.uint8))
     return [view.unsqueeze(0) for view in transform(image)]
+
+
+def test_fmnist_classes_recipe_is_the_default_with_ten_classes_and_self_labeling():
+    """Target 2 of issue 16: the embedded default, with one TWIST class per label and the self-labeling phase."""
+    default = read_recipe(ROOT / "recipes" / "configs" / "fmnist.yaml")
+    classes = read_recipe(ROOT / "recipes" / "configs" / "fmnist-classes.yaml")
+    changed = {key for key in default.keys() | classes.keys() if default.get(key) != classes.get(key)}
+    assert changed <= {"num_classes", "num_train_epochs", "tau"} | {
+        key for key in classes if key.startswith("self_label")
+    }
+    args = parse_pretrain_args(["--config", str(ROOT / "recipes" / "configs" / "fmnist-classes.yaml")])
+    assert args.model.build_config().num_classes == 10
+    assert 0 < args.training.self_label_epochs < args.training.num_train_epochs
 
 
 def test_imagenet_recipes_keep_the_papers_global_batches_and_models():

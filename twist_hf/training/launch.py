@@ -250,7 +250,7 @@ def check_nodes_import_package(args: PretrainArguments) -> None:
             raise LaunchError(
                 f"Node {node} cannot import twist_hf ({type(error).__name__}: {str(error)[:300]}). Install the "
                 "package on every node (same Python version), e.g. in the cluster's setup_commands; see "
-                "README.md, \"Run on a cluster\"."
+                'README.md, "Run on a cluster".'
             ) from error
 
 
