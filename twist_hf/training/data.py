@@ -95,6 +95,12 @@ def check_dataset(data_args: DataArguments, need_labels: bool) -> None:
         raise ValueError(error.args[0]) from error
 
 
+def rank_epoch_stream(seed: int, rank: int, epoch: int) -> int:
+    """The seed of one rank's augmentation in one epoch, from which each step (batched) or sample (per image) seeds
+    its draws: different on every rank, the same again in a resumed run."""
+    return epoch_seed(seed + 7919 * rank, epoch)
+
+
 class BatchedViews:
     """The in-memory fast path: each step's views made for the whole batch at once (one grid_sample each)."""
 
@@ -133,7 +139,7 @@ class BatchedViews:
         each step's augmentation is seeded by (seed, rank, epoch, step), so a run resumed mid-epoch draws the same
         crops as an uninterrupted one."""
         transform = transform or self.transform
-        epoch_stream = epoch_seed(self.seed + 7919 * self.rank, epoch)
+        epoch_stream = rank_epoch_stream(self.seed, self.rank, epoch)
         batches = in_memory_batches(
             self.split.images,
             self.split.labels,
@@ -189,7 +195,7 @@ class PerImageViews:
             torch_dataset = DecodedIterableImageDataset(shard, transform, *columns)
         else:
             samples = DecodedImageDataset(shard, transform, *columns)
-            stream = epoch_seed(self.seed + 7919 * self.rank, epoch)
+            stream = rank_epoch_stream(self.seed, self.rank, epoch)
             end = self.steps_per_epoch * self.batch_size  # the same number of batches on every rank
             torch_dataset = SeededSamples(samples, skip_steps * self.batch_size, end, stream)
         return DataLoader(

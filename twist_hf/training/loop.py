@@ -276,7 +276,7 @@ class PretrainingRun:
         found = skipped.summary() if skipped.count else "no image was read"
         return (
             f"Epoch {self.epoch} has no batch with a decodable training image on every worker ({found}); check the "
-            "training data (--dataset_name, --data_dir, --image_column) or lower --num_workers."
+            "training data (--dataset_name, --data_dir, --image_column)."
         )
 
     def _phase_end(self, step: int) -> int:
