@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 from pretrain import main
-from tiny_run import tiny_run_args
+from tiny_run import tiny_run_args, torchrun_command
 
 TINY = tiny_run_args(launcher="local", save_strategy="steps", save_steps=4, save_total_limit=10)
 
@@ -154,20 +154,8 @@ def test_two_processes_without_ray_train_one_model(tmp_path):
     script = tmp_path / "train_and_save_rank_weights.py"
     script.write_text(RANK_WEIGHTS_SCRIPT)
     output = tmp_path / "run"
-    command = [
-        str(Path(sys.executable).parent / "torchrun"),
-        "--nproc_per_node",
-        "2",
-        str(script),
-        str(tmp_path),
-        *TINY,
-        "--output_dir",
-        str(output),
-        "--max_steps",
-        "8",
-        "--bunch_size",
-        "64",
-    ]
+    flags = [*TINY, "--output_dir", str(output), "--max_steps", "8", "--bunch_size", "64"]
+    command = torchrun_command(script, str(tmp_path), *flags)
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert finished.returncode == 0, finished.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]

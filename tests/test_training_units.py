@@ -11,12 +11,13 @@ import torch
 from accelerate import Accelerator
 
 from twist_hf import TwistConfig, TwistForPreTraining
-from twist_hf.data import SkippedImageCounter
+from twist_hf.data import DecodedImageDataset, SkippedImageCounter, collate_skipping_bad_images
 from twist_hf.evaluation import cluster_metrics, image_features
 from twist_hf.training import TrainingDivergedError, TrainingStep
-from twist_hf.training.data import BatchedViews, LabelledImages
+from twist_hf.training.data import BatchedViews, LabelledImages, SeededSamples, rank_epoch_stream
 from twist_hf.training.monitors import ClusterMonitor
 from twist_hf.training.optim import TrainingSchedule, build_optimizer
+from twist_hf.training.step import rank_step_seed
 from twist_hf.transforms import BatchedMultiCrop, batched_eval_transform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +78,61 @@ def test_training_step_sets_the_schedule_and_moves_the_teacher_by_its_momentum()
     for name, student_value in model.named_parameters():
         expected = 0.9 * before[name] + 0.1 * student_value.detach()  # momentum at step 1 of 10 rounds to 0.9
         torch.testing.assert_close(dict(teacher.named_parameters())[name], expected, atol=1e-3, rtol=0)
+
+
+def test_both_networks_train_and_the_teacher_keeps_its_own_batch_norm_statistics():
+    """Left in eval mode (as `from_pretrained` returns them), student and teacher still train with batch statistics;
+    the teacher's running statistics move by its own forward passes and are not the student's (the authors' EMA
+    covers parameters only)."""
+    model, teacher = tiny_model(0).eval(), tiny_model(1).eval()
+    teacher.requires_grad_(False)
+    running = [name for name, _ in model.named_buffers() if name.endswith("running_mean")]
+    student_before, teacher_before = (dict(net.named_buffers()) for net in (model, teacher))
+    student_before, teacher_before = ({n: v.clone() for n, v in b.items()} for b in (student_before, teacher_before))
+    step = TrainingStep(model, build_optimizer(model, "sgd", 0.0, 0.0), schedule(), Accelerator(cpu=True), teacher)
+    step(1, [torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)])
+    assert model.training and teacher.training
+    student_after, teacher_after = dict(model.named_buffers()), dict(teacher.named_buffers())
+    assert running and all(not torch.equal(student_after[n], student_before[n]) for n in running)
+    assert all(not torch.equal(teacher_after[n], teacher_before[n]) for n in running)
+    assert all(not torch.equal(teacher_after[n], student_after[n]) for n in running)
+
+
+def test_ranks_draw_different_random_streams_that_a_rerun_draws_again():
+    """Drop path draws from torch's generator, seeded each step by (seed, rank, step)."""
+
+    def draws(rank: int, step: int) -> torch.Tensor:
+        torch.manual_seed(rank_step_seed(7, rank, step))
+        return torch.rand(16)
+
+    assert not torch.equal(draws(0, 3), draws(1, 3)) and not torch.equal(draws(0, 3), draws(0, 4))
+    assert torch.equal(draws(1, 3), draws(1, 3))
+
+
+def seeded_samples(rank: int, start: int = 0) -> SeededSamples:
+    """Eight copies of one image, per-image multi-crop, this rank's stream of epoch 2."""
+    import datasets
+    from PIL import Image
+
+    from twist_hf.transforms import MultiCropTransform
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8))
+    features = datasets.Features({"image": datasets.Image()})
+    dataset = datasets.Dataset.from_dict({"image": [image] * 8}, features=features)
+    transform = MultiCropTransform(global_size=16, local_size=8, num_local_crops=1, mean=(0.5,) * 3, std=(0.5,) * 3)
+    return SeededSamples(DecodedImageDataset(dataset, transform), start, 8, rank_epoch_stream(3, rank, 2))
+
+
+def test_per_image_views_differ_by_rank_repeat_in_workers_and_skip_by_index():
+    rank0, rank1 = seeded_samples(0), seeded_samples(1)
+    views0 = [rank0[index]["pixel_values"] for index in range(8)]
+    assert not any(torch.equal(a[0], b[0]) for a, b in zip(views0, (rank1[i]["pixel_values"] for i in range(8))))
+    assert not torch.equal(views0[0][0], views0[1][0])  # each sample its own draws
+    loader = torch.utils.data.DataLoader(rank0, batch_size=4, num_workers=2, collate_fn=collate_skipping_bad_images)
+    in_workers = [view for batch in loader for view in batch["pixel_values"][0]]
+    assert all(torch.equal(a, b[0]) for a, b in zip(in_workers, views0))
+    resumed = seeded_samples(0, start=4)
+    assert len(resumed) == 4 and all(torch.equal(resumed[i]["pixel_values"][0], views0[4 + i][0]) for i in range(4))
 
 
 def test_training_step_stops_before_touching_the_weights_on_a_non_finite_loss():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,3 +25,8 @@ def tiny_run_args(**overrides) -> list[str]:
     """Command-line flags of the tiny run, with `overrides` replacing or adding options."""
     options = {**TINY_OPTIONS, **overrides}
     return [item for name, value in options.items() for item in (f"--{name}", str(value))]
+
+
+def torchrun_command(script: Path, *args: str, processes: int = 2) -> list[str]:
+    """`script` with `args` in `processes` local torchrun processes."""
+    return [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(processes), str(script), *args]

@@ -5,6 +5,7 @@ arguments build them), and the labelled in-memory splits of the monitors. Built 
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -94,6 +95,12 @@ def check_dataset(data_args: DataArguments, need_labels: bool) -> None:
         raise ValueError(error.args[0]) from error
 
 
+def rank_epoch_stream(seed: int, rank: int, epoch: int) -> int:
+    """The seed of one rank's augmentation in one epoch, from which each step (batched) or sample (per image) seeds
+    its draws: different on every rank, the same again in a resumed run."""
+    return epoch_seed(seed + 7919 * rank, epoch)
+
+
 class BatchedViews:
     """The in-memory fast path: each step's views made for the whole batch at once (one grid_sample each)."""
 
@@ -132,7 +139,7 @@ class BatchedViews:
         each step's augmentation is seeded by (seed, rank, epoch, step), so a run resumed mid-epoch draws the same
         crops as an uninterrupted one."""
         transform = transform or self.transform
-        epoch_stream = epoch_seed(self.seed + 7919 * self.rank, epoch)
+        epoch_stream = rank_epoch_stream(self.seed, self.rank, epoch)
         batches = in_memory_batches(
             self.split.images,
             self.split.labels,
@@ -179,10 +186,18 @@ class PerImageViews:
             if self.steps_per_epoch == 0:
                 raise ValueError(f"The training split has too few images for one batch of {batch_size} per worker.")
 
-    def _loader(self, epoch: int, transform: MultiCropTransform) -> DataLoader:
+    def _loader(self, epoch: int, transform: MultiCropTransform, skip_steps: int = 0) -> DataLoader:
+        """The epoch's batches from batch `skip_steps` on. A map-style shard starts there by index (nothing before
+        it is decoded) and seeds each sample's augmentation by its position; a stream is read from its start."""
         shard = shuffled_shard_for_epoch(self.dataset, self.rank, self.world_size, self.seed, epoch)
-        wrapper = DecodedIterableImageDataset if self.data_args.streaming else DecodedImageDataset
-        torch_dataset = wrapper(shard, transform, self.data_args.image_column, self.data_args.label_column)
+        columns = (self.data_args.image_column, self.data_args.label_column)
+        if self.data_args.streaming:
+            torch_dataset = DecodedIterableImageDataset(shard, transform, *columns)
+        else:
+            samples = DecodedImageDataset(shard, transform, *columns)
+            stream = rank_epoch_stream(self.seed, self.rank, epoch)
+            end = self.steps_per_epoch * self.batch_size  # the same number of batches on every rank
+            torch_dataset = SeededSamples(samples, skip_steps * self.batch_size, end, stream)
         return DataLoader(
             torch_dataset,
             batch_size=self.batch_size,
@@ -192,13 +207,14 @@ class PerImageViews:
             drop_last=True,
         )
 
-    def _batches(self, epoch: int, transform: MultiCropTransform) -> Iterator[dict]:
-        """The epoch's batches; a stream restarts (re-shuffled) when it runs out before the epoch's steps."""
-        yield from self._loader(epoch, transform)
-        restart = epoch
-        while self.data_args.streaming:
-            restart += 10_000
-            yield from self._loader(restart, transform)
+    def _batches(self, epoch: int, transform: MultiCropTransform, skip_steps: int) -> Iterator[dict]:
+        """The epoch's batches from `skip_steps` on; a stream restarts (re-shuffled) when it runs out before the
+        epoch's steps, and is skipped by reading it."""
+        if not self.data_args.streaming:
+            yield from self._loader(epoch, transform, skip_steps)
+            return
+        restarts = (self._loader(restart, transform) for restart in itertools.count(epoch, 10_000))
+        yield from itertools.islice(itertools.chain.from_iterable(restarts), skip_steps, None)
 
     def epoch(
         self,
@@ -206,15 +222,38 @@ class PerImageViews:
         skip_steps: int = 0,
         transform: MultiCropTransform | None = None,
         stop_step: int | None = None,
-    ) -> Iterator[list[torch.Tensor]]:
-        """The views of steps [skip_steps, stop_step) of the epoch, made by `transform` (default: the views' own)."""
+    ) -> Iterator[list[torch.Tensor] | None]:
+        """The views of batches [skip_steps, stop_step) of the epoch, made by `transform` (default: the views' own);
+        None for a batch whose images were all undecodable (the loop skips it on every rank)."""
         stop = self.steps_per_epoch if stop_step is None else min(stop_step, self.steps_per_epoch)
-        good = (self._count_skipped_and_fill(batch) for batch in self._batches(epoch, transform or self.transform))
-        yield from itertools.islice((views for views in good if views is not None), skip_steps, stop)
+        batches = self._batches(epoch, transform or self.transform, skip_steps)
+        yield from (self._count_skipped_and_fill(batch) for batch in itertools.islice(batches, stop - skip_steps))
 
     def _count_skipped_and_fill(self, batch: dict) -> list[torch.Tensor] | None:
         self.skipped.merge(batch["skipped"])
         return fill_batch(batch["pixel_values"], self.batch_size) if "pixel_values" in batch else None
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Positions [start, end) of an epoch's shard. Each sample's augmentation (Python's `random`, which
+    `MultiCropTransform` draws from) is seeded by its position in a (seed, rank, epoch) stream, so that any
+    DataLoader worker, and a run resumed mid-epoch, draws the same views for it."""
+
+    def __init__(self, samples: DecodedImageDataset, start: int, end: int, stream: int):
+        self.samples, self.start, self.stream = samples, start, stream
+        self.end = min(end, len(samples))
+
+    def __len__(self) -> int:
+        return max(self.end - self.start, 0)
+
+    def __getitem__(self, index: int) -> dict:
+        position = self.start + index
+        outer = random.getstate()  # the caller's stream is left as it was (num_workers=0 runs here)
+        random.seed(epoch_seed(self.stream, position))
+        try:
+            return self.samples[position]
+        finally:
+            random.setstate(outer)
 
 
 def fill_batch(views: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:

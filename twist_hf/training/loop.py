@@ -32,7 +32,14 @@ from .data import BatchedViews, PerImageViews, build_train_views, crop_transform
 from .monitors import build_monitors, monitor_metrics
 from .optim import build_recipe_optimizer, build_schedule
 from .run_log import RunLog, step_statistics
-from .step import TrainingDivergedError, TrainingStep, build_teacher, fresh_accelerator, prepare_for_training
+from .step import (
+    TrainingDivergedError,
+    TrainingStep,
+    build_teacher,
+    fresh_accelerator,
+    prepare_for_training,
+    rank_step_seed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +124,9 @@ class PretrainingRun:
         self.schedule = build_schedule(self.training, self.views.steps_per_epoch, self.global_batch)
         optimizer = build_recipe_optimizer(model, self.training, self.schedule.lr(0))
         self.teacher = build_teacher(model) if self.training.momentum_teacher else None
+        # Where the data stands: the epoch and how many of its batches are used (trained on, or skipped on every
+        # rank for lack of a decodable image). Epochs end when their data ends, so these are counted, not derived.
+        self.epoch, self.batch_in_epoch = 0, 0
         self.start_step = self._restore(model, optimizer)
         self.model, self.optimizer = prepare_for_training(
             model, optimizer, self.accelerator, self.training.channels_last, self.training.torch_compile
@@ -149,9 +159,13 @@ class PretrainingRun:
         restore_training_state(
             state, model=model, optimizer=optimizer, teacher=self.teacher, scaler=self.accelerator.scaler
         )
+        step = int(state["global_step"])
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         if self.accelerator.is_main_process:
-            logger.info("Resumed from %s at step %d.", source, state["global_step"])
-        return int(state["global_step"])
+            logger.info(
+                "Resumed from %s at step %d (epoch %d, batch %d).", source, step, self.epoch, self.batch_in_epoch
+            )
+        return step
 
     def _build_pusher(self) -> HubPusher | None:
         if not (self.training.push_to_hub and self.accelerator.is_main_process):
@@ -170,20 +184,29 @@ class PretrainingRun:
         return self.accelerator.unwrap_model(self.model)
 
     def run(self) -> dict:
-        """Train to the last step, then evaluate and save; returns the final metrics (same on every rank)."""
+        """Train to the last step, save the model and its checkpoint, then evaluate and report; returns the final
+        metrics (same on every rank). Whatever way it exits, the pending Hub pushes are finished first."""
         started = time.perf_counter()
         try:
-            self._train()
-        except TrainingDivergedError as error:
+            try:
+                self._train()
+            except TrainingDivergedError as error:
+                metrics = {
+                    "status": "diverged",
+                    "error": self._divergence_message(error),
+                    "global_step": self.last_step,
+                }
+                self.reporter.report(metrics, None)
+                return metrics
+            train_seconds = time.perf_counter() - started
+            self._save_final_model()
+            results = self._results(train_seconds)
+            self.log.log(self.schedule.total_steps, results)
+            self._finish(results)
+            return results
+        finally:
             self.log.close()
-            metrics = {"status": "diverged", "error": self._divergence_message(error), "global_step": self.last_step}
-            self.reporter.report(metrics, None)
-            return metrics
-        results = self._results(time.perf_counter() - started)
-        self.log.log(self.schedule.total_steps, results)
-        self.log.close()
-        self._finish(results)
-        return results
+            self._finish_pushes()
 
     def _results(self, train_seconds: float) -> dict:
         total = self.schedule.total_steps
@@ -207,20 +230,54 @@ class PretrainingRun:
         return int(self.accelerator.reduce(torch.tensor(skipped.count, device=self.accelerator.device), "sum"))
 
     def _train(self) -> None:
-        """Epoch by epoch; an epoch that crosses into the self-labeling phase is asked for in two pieces, each
-        with its phase's crops."""
-        per_epoch, total = self.views.steps_per_epoch, self.schedule.total_steps
-        step = self.start_step
-        while step < total:
-            epoch, in_epoch = divmod(step, per_epoch)
-            stop = min(per_epoch, self._phase_end(step) - epoch * per_epoch)
-            for views in self.views.epoch(epoch, in_epoch, transform=self._crops(step), stop_step=stop):
-                self._train_step(step, views)
-                step += 1
-                self.last_step = step
-                self._after_step(step)
-            if step % per_epoch == 0 and step < total:
-                self._end_of_epoch(step)
+        """Epoch by epoch to the schedule's last step. An epoch ends when its data ends (batches without a decodable
+        image are skipped on every rank, so an epoch may train fewer than `steps_per_epoch` steps); an epoch that
+        crosses into the self-labeling phase is read in two pieces, each with its phase's crops."""
+        while self.last_step < self.schedule.total_steps:
+            piece_start = self.batch_in_epoch
+            trained = self._train_piece()
+            if self.batch_in_epoch < self.views.steps_per_epoch:
+                continue  # the phase changed mid-epoch, or the run reached its last step
+            if trained == 0 and piece_start == 0:
+                raise ValueError(self._no_decodable_batch_message())
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            if self.last_step < self.schedule.total_steps:
+                self._end_of_epoch(self.last_step)
+
+    def _train_piece(self) -> int:
+        """Train on the epoch's batches from where the data stands until the epoch, the phase or the run ends;
+        returns the steps trained."""
+        step = self.last_step
+        phase_end = self._phase_end(step)
+        trained = 0
+        for views in self.views.epoch(self.epoch, self.batch_in_epoch, transform=self._crops(step)):
+            self.batch_in_epoch += 1
+            if not self._every_rank_has(views):
+                continue
+            self._train_step(step, views)
+            step, trained = step + 1, trained + 1
+            self.last_step = step
+            self._after_step(step)
+            if step >= phase_end:
+                break
+        return trained
+
+    def _every_rank_has(self, views: list[torch.Tensor] | None) -> bool:
+        """Whether every rank has a batch for this step (a rank whose batch had no decodable image has none): all
+        ranks then take the same steps and no collective waits for a rank that skipped."""
+        have = views is not None
+        if self.accelerator.num_processes == 1:
+            return have
+        flag = torch.tensor(int(have), device=self.accelerator.device)
+        return int(self.accelerator.reduce(flag, "sum").item()) == self.accelerator.num_processes
+
+    def _no_decodable_batch_message(self) -> str:
+        skipped = self.views.skipped
+        found = skipped.summary() if skipped.count else "no image was read"
+        return (
+            f"Epoch {self.epoch} has no batch with a decodable training image on every worker ({found}); check the "
+            "training data (--dataset_name, --data_dir, --image_column)."
+        )
 
     def _phase_end(self, step: int) -> int:
         """The first step after the phase that `step` is in."""
@@ -240,7 +297,7 @@ class PretrainingRun:
                 self._checkpoint(step, {})
 
     def _end_of_epoch(self, step: int) -> None:
-        metrics = {"epoch": step // self.views.steps_per_epoch}
+        metrics = {"epoch": self.epoch}
         if self.training.eval_strategy == "epoch" and self.monitors:
             metrics.update(monitor_metrics(self.monitors, self.student.twist, self.accelerator))
             self.log.log(step, metrics)
@@ -250,6 +307,7 @@ class PretrainingRun:
             self.reporter.report({"global_step": step, **metrics}, None)
 
     def _train_step(self, step: int, views: list[torch.Tensor]) -> None:
+        torch.manual_seed(rank_step_seed(self.training.seed, self.accelerator.process_index, step))
         output = self.step(step, views)
         if (step + 1) % self.training.logging_steps == 0:
             self._log_step(step + 1, output)
@@ -260,7 +318,7 @@ class PretrainingRun:
             "lr": self.schedule.lr(step - 1),
             **step_statistics(output),
             "img_per_s": self.log.throughput(step, self.global_batch),
-            "epoch": step / self.views.steps_per_epoch,
+            "epoch": self.epoch + self.batch_in_epoch / self.views.steps_per_epoch,
         }
         if self.resumed_from_step is not None:
             metrics["resumed_from_step"], self.resumed_from_step = self.resumed_from_step, None
@@ -291,8 +349,8 @@ class PretrainingRun:
                 teacher=self.teacher,
                 scaler=self.accelerator.scaler,
                 global_step=step,
-                epoch=step // self.views.steps_per_epoch,
-                step_in_epoch=step % self.views.steps_per_epoch,
+                epoch=self.epoch,
+                step_in_epoch=self.batch_in_epoch,
                 metrics=metrics,
             )
             if self.pusher is not None:
@@ -302,14 +360,20 @@ class PretrainingRun:
         if folder is not None and folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
 
+    def _save_final_model(self) -> None:
+        """The last checkpoint and the trained model with its arguments, before anything that can still fail
+        (final evaluation, model card, pushes)."""
+        self._checkpoint(self.schedule.total_steps, {})
+        if self.accelerator.is_main_process:
+            self.student.save_pretrained(self.output_dir)
+            (self.output_dir / ARGS_FILE).write_text(json.dumps(self.args.to_dict(), indent=2))
+
     def _finish(self, results: dict) -> None:
-        """Final checkpoint and the user-facing output folder: model, card, results, arguments."""
-        self._checkpoint(self.schedule.total_steps, results)
+        """The final metrics to the launcher, then the results file, the model card and the final push."""
+        self.reporter.report(results, None)
         if not self.accelerator.is_main_process:
             return
-        self.student.save_pretrained(self.output_dir)
         (self.output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
-        (self.output_dir / ARGS_FILE).write_text(json.dumps(self.args.to_dict(), indent=2))
         write_model_card(
             self.output_dir,
             model_id=self.training.hub_model_id or self.output_dir.name,
@@ -318,8 +382,15 @@ class PretrainingRun:
             eval_results=_eval_rows(self.args, results),
         )
         if self.pusher is not None:
-            summary = self.pusher.finish(self.output_dir, timeout=self.training.hub_push_timeout)
+            summary, self.pusher = self.pusher.finish(self.output_dir, timeout=self.training.hub_push_timeout), None
             results["hub_push"] = str(summary)
+
+    def _finish_pushes(self) -> None:
+        """On an early exit (divergence, a failed evaluation), the pushes already queued still land (within the
+        push deadline) and their staging copies are removed."""
+        if self.pusher is not None:
+            self.pusher, pusher = None, self.pusher
+            pusher.finish(timeout=self.training.hub_push_timeout)
 
     def _training_summary(self, results: dict) -> dict:
         args = self.args

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -21,6 +22,12 @@ class TrainingDivergedError(RuntimeError):
     def __init__(self, step: int, loss: float):
         super().__init__(f"The loss became {loss} at step {step}")
         self.step, self.loss = step, loss
+
+
+def rank_step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one rank's random draws (drop path) at one step: different on every rank, and the same again
+    when a resumed run reaches that step."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
 
 
 def fresh_accelerator(**options) -> Accelerator:
@@ -54,11 +61,10 @@ def build_teacher(model: TwistForPreTraining) -> TwistForPreTraining:
 
 @torch.no_grad()
 def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """EMA of the student's parameters; buffers (batch-norm statistics) are copied."""
+    """EMA of the student's parameters only: the teacher keeps its own batch-norm statistics, updated by its own
+    forward passes in training mode, as the authors' code does."""
     for t_param, s_param in zip(teacher.parameters(), student.parameters()):
         t_param.mul_(momentum).add_(s_param.detach(), alpha=1 - momentum)
-    for t_buffer, s_buffer in zip(teacher.buffers(), student.buffers()):
-        t_buffer.copy_(s_buffer)
 
 
 class TrainingStep:
@@ -85,6 +91,7 @@ class TrainingStep:
         """Train on one batch of views at global step `step`; raises `TrainingDivergedError` on a non-finite loss
         before it touches the weights."""
         apply_schedule(self.optimizer, self.schedule.lr(step), self.schedule.weight_decay_at(step))
+        self._training_mode()
         device = self.accelerator.device
         views = [view.to(device, non_blocking=True, memory_format=self.memory_format) for view in views]
         output = self._forward(step, views)
@@ -99,6 +106,13 @@ class TrainingStep:
             student = self.accelerator.unwrap_model(self.model)
             update_teacher(self.teacher, student, self.schedule.teacher_momentum_at(step))
         return output
+
+    def _training_mode(self) -> None:
+        """Student and teacher train (batch statistics, drop path) whatever mode `from_pretrained` or an
+        evaluation left them in."""
+        self.model.train()
+        if self.teacher is not None:
+            self.teacher.train()
 
     def _forward(self, step: int, views: list[torch.Tensor]) -> TwistForPreTrainingOutput:
         teacher_logits = None
