@@ -31,6 +31,7 @@ from .checkpoint import (
 from .data import BatchedViews, PerImageViews, build_train_views, crop_transforms
 from .monitors import build_monitors, monitor_metrics
 from .optim import build_recipe_optimizer, build_schedule
+from .preemption import TerminationNotice, TrainingPreempted
 from .run_log import RunLog, step_statistics
 from .step import TrainingDivergedError, TrainingStep, build_teacher, fresh_accelerator, prepare_for_training
 
@@ -105,8 +106,10 @@ class PretrainingRun:
     """One worker's share of a pretraining run: build, restore, train (checkpointing on the way), finish."""
 
     def __init__(self, args: PretrainArguments, reporter: Reporter):
-        self.args, self.reporter, self.training = args, reporter, args.training
         self.accelerator = build_accelerator(args)
+        # An elastic run restarted on fewer workers keeps its global batch: each worker takes a larger share.
+        args = args.for_world_size(self.accelerator.num_processes)
+        self.args, self.reporter, self.training = args, reporter, args.training
         self.output_dir = Path(self.training.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         model = build_model(args)
@@ -172,18 +175,27 @@ class PretrainingRun:
     def run(self) -> dict:
         """Train to the last step, then evaluate and save; returns the final metrics (same on every rank)."""
         started = time.perf_counter()
+        notice = TerminationNotice()
         try:
-            self._train()
+            self._train(notice)
         except TrainingDivergedError as error:
-            self.log.close()
-            metrics = {"status": "diverged", "error": self._divergence_message(error), "global_step": self.last_step}
-            self.reporter.report(metrics, None)
-            return metrics
+            return self._stopped({"status": "diverged", "error": self._divergence_message(error)})
+        except TrainingPreempted as error:
+            return self._stopped({"status": "preempted", "error": str(error)})
+        finally:
+            notice.close()
         results = self._results(time.perf_counter() - started)
         self.log.log(self.schedule.total_steps, results)
         self.log.close()
         self._finish(results)
         return results
+
+    def _stopped(self, metrics: dict) -> dict:
+        """Close the log and report why the run stopped early (no checkpoint: the last one stands)."""
+        self.log.close()
+        metrics["global_step"] = self.last_step
+        self.reporter.report(metrics, None)
+        return metrics
 
     def _results(self, train_seconds: float) -> dict:
         total = self.schedule.total_steps
@@ -206,9 +218,9 @@ class PretrainingRun:
             return skipped.count
         return int(self.accelerator.reduce(torch.tensor(skipped.count, device=self.accelerator.device), "sum"))
 
-    def _train(self) -> None:
+    def _train(self, notice: TerminationNotice) -> None:
         """Epoch by epoch; an epoch that crosses into the self-labeling phase is asked for in two pieces, each
-        with its phase's crops."""
+        with its phase's crops. After SIGTERM, the step that was running is checkpointed and the run stops."""
         per_epoch, total = self.views.steps_per_epoch, self.schedule.total_steps
         step = self.start_step
         while step < total:
@@ -219,6 +231,8 @@ class PretrainingRun:
                 step += 1
                 self.last_step = step
                 self._after_step(step)
+                if step < total and notice.on_any_rank(self.accelerator):
+                    self._checkpoint_and_stop(step)
             if step % per_epoch == 0 and step < total:
                 self._end_of_epoch(step)
 
@@ -238,6 +252,11 @@ class PretrainingRun:
         if self.training.save_strategy == "steps" and step % self.training.save_steps == 0:
             if step < self.schedule.total_steps:
                 self._checkpoint(step, {})
+
+    def _checkpoint_and_stop(self, step: int) -> None:
+        if self.last_checkpoint_step != step:
+            self._checkpoint(step, {"preempted": True})
+        raise TrainingPreempted(step)
 
     def _end_of_epoch(self, step: int) -> None:
         metrics = {"epoch": step // self.views.steps_per_epoch}
