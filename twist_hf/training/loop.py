@@ -139,8 +139,10 @@ class PretrainingRun:
         self.pusher = self._build_pusher()
         # A resumed run starts from a good checkpoint: the one it resumed from, until it saves its own.
         self.last_checkpoint_step: int | None = self.start_step or None
-        # The first log line of a resumed (or Ray-restarted) run says where it picked up.
-        self.resumed_from_step: int | None = self.start_step or None
+        # The first log line of a (re)started run says on how many workers, and where a resumed one picked up.
+        self.start_note = {"num_workers": world, "global_batch_size": self.global_batch}
+        if self.start_step:
+            self.start_note["resumed_from_step"] = self.start_step
         self.last_step = self.start_step
         self.log = RunLog(self.accelerator, self.output_dir, self.schedule.total_steps, self.start_step, args.to_dict())
 
@@ -281,8 +283,8 @@ class PretrainingRun:
             "img_per_s": self.log.throughput(step, self.global_batch),
             "epoch": step / self.views.steps_per_epoch,
         }
-        if self.resumed_from_step is not None:
-            metrics["resumed_from_step"], self.resumed_from_step = self.resumed_from_step, None
+        metrics.update(self.start_note)
+        self.start_note = {}
         self.log.log(step, metrics)
         if step > self.schedule.warmup_steps and not self.schedule.in_self_label_phase(step):
             self.log.warn_if_collapsing(step, metrics, self.config.num_classes, output.logits.shape[1])
