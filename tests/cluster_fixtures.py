@@ -30,6 +30,7 @@ class LocalCluster:
         self.saved_tmpdir = os.environ.get("RAY_TMPDIR")
         # Ray writes the newest cluster's address under RAY_TMPDIR: keep it inside this cluster's folder.
         os.environ["RAY_TMPDIR"] = self.temp_dir
+        os.makedirs(os.path.join(self.temp_dir, "ray"))
         self.cluster = Cluster(
             initialize_head=True,
             head_node_args={
