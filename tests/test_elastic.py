@@ -216,3 +216,9 @@ def test_sigterm_checkpoints_the_current_step_and_the_run_resumes_from_it(tmp_pa
     restart = next(entry for entry in log if entry.get("resumed_from_step") is not None)
     assert restart["resumed_from_step"] == stopped_at and restart["step"] == stopped_at + 1
     assert json.loads((output / "all_results.json").read_text())["global_step"] == 30
+
+
+def test_a_sweep_trial_reserves_the_most_workers_an_elastic_range_may_use(tmp_path):
+    from twist_hf.tune.runner import DRIVER_CPU, trial_resources
+
+    assert trial_resources(parsed("--num_workers", "2-4", output_dir=tmp_path)) == {"CPU": 4 + DRIVER_CPU}
