@@ -222,3 +222,25 @@ def test_a_sweep_trial_reserves_the_most_workers_an_elastic_range_may_use(tmp_pa
     from twist_hf.tune.runner import DRIVER_CPU, trial_resources
 
     assert trial_resources(parsed("--num_workers", "2-4", output_dir=tmp_path)) == {"CPU": 4 + DRIVER_CPU}
+
+
+def test_sigterm_sets_the_notice_in_the_main_thread_only_and_close_gives_the_signal_back():
+    import os
+    import threading
+
+    from accelerate import Accelerator
+
+    from twist_hf.training.preemption import TerminationNotice
+
+    accelerator, before = Accelerator(cpu=True), signal.getsignal(signal.SIGTERM)
+    notice = TerminationNotice()
+    assert not notice.on_any_rank(accelerator)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert notice.on_any_rank(accelerator)
+    notice.close()
+    assert signal.getsignal(signal.SIGTERM) == before
+    in_thread = []
+    worker = threading.Thread(target=lambda: in_thread.append(TerminationNotice()))
+    worker.start()
+    worker.join()
+    assert not in_thread[0].installed and signal.getsignal(signal.SIGTERM) == before

@@ -28,15 +28,17 @@ class TerminationNotice:
 
     def __init__(self):
         self.received = False
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+        self.installed = threading.current_thread() is threading.main_thread()
+        self._previous = signal.signal(signal.SIGTERM, self._on_signal) if self.installed else None
 
     def _on_signal(self, signum, frame) -> None:
         self.received = True
 
     def on_any_rank(self, accelerator: Accelerator) -> bool:
-        """Whether any rank got SIGTERM; the same answer on every rank (all of them must call it)."""
+        """Whether any rank got SIGTERM; the same answer on every rank (all of them must call it). Without a handler
+        (every rank runs in a worker thread alike, as under Ray Train) there is nothing to ask."""
+        if not self.installed:
+            return False
         if accelerator.num_processes == 1:
             return self.received
         flag = torch.tensor([float(self.received)], device=accelerator.device)
@@ -44,6 +46,6 @@ class TerminationNotice:
 
     def close(self) -> None:
         """Give SIGTERM back to the handler it had before."""
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        if self.installed:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+            self.installed = False
