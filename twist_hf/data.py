@@ -654,11 +654,16 @@ def _check_rank(rank: int, world_size: int) -> None:
 def shard_for_rank(
     dataset: datasets.Dataset | datasets.IterableDataset, rank: int, world_size: int
 ) -> datasets.Dataset | datasets.IterableDataset:
-    """Return this rank's disjoint shard (contiguous chunk for map-style, shards or 1-in-N for iterable)."""
+    """Return this rank's disjoint shard: every `world_size`-th sample from `rank` for map-style (so the global
+    batch of step k is samples [k * global batch, (k + 1) * global batch) at any world size), shards or 1-in-N
+    for iterable."""
+    import datasets
     from datasets.distributed import split_dataset_by_node
 
     _check_rank(rank, world_size)
-    return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    if isinstance(dataset, datasets.IterableDataset):
+        return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    return dataset.shard(num_shards=world_size, index=rank, contiguous=False)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -690,14 +695,15 @@ def shuffled_shard_for_epoch(
 
 
 def rank_epoch_indices(num_samples: int, rank: int, world_size: int, seed: int, epoch: int) -> np.ndarray:
-    """Indices of this rank's samples for an epoch of the in-memory fast path: a shared seeded permutation,
-    cut into `world_size` equal disjoint parts (the remainder of num_samples % world_size is left out)."""
+    """Indices of this rank's samples for an epoch of the in-memory fast path: every `world_size`-th entry of a
+    shared seeded permutation from `rank` on, in equal disjoint parts (the last num_samples % world_size are left
+    out). Step k's global batch is then entries [k * global batch, (k + 1) * global batch) of the permutation
+    whatever the world size, so an elastic run resumed on another number of workers continues the same epoch."""
     _check_rank(rank, world_size)
     if num_samples < world_size:
         raise ValueError(f"Cannot split {num_samples} samples over {world_size} ranks; use fewer ranks.")
     permutation = np.random.default_rng(epoch_seed(seed, epoch)).permutation(num_samples)
-    per_rank = num_samples // world_size
-    return permutation[rank * per_rank : (rank + 1) * per_rank]
+    return permutation[rank : num_samples // world_size * world_size : world_size]
 
 
 def in_memory_batches(

@@ -9,7 +9,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from transformers import HfArgumentParser
 
@@ -165,6 +165,13 @@ class TwistTrainingArguments:
     num_train_epochs: float = field(default=8.0, metadata={"help": "Total epochs, self-labeling included."})
     max_steps: int = field(default=-1, metadata={"help": "If > 0: total optimiser steps, overriding epochs."})
     per_device_train_batch_size: int = field(default=256, metadata={"help": "Images per worker per step."})
+    global_train_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Images per step over all workers, kept when an elastic run resizes (each worker gets it / "
+            "workers; replaces per_device_train_batch_size). Needed with --num_workers MIN-MAX."
+        },
+    )
     learning_rate: float = field(default=0.5, metadata={"help": "Base lr for a global batch of 256 (scaled)."})
     scale_lr_by_batch: bool = field(default=True, metadata={"help": "lr = learning_rate x global batch / 256."})
     min_lr_ratio: float = field(default=0.001, metadata={"help": "Cosine decays to this fraction of the lr."})
@@ -250,6 +257,18 @@ class TwistTrainingArguments:
         if self.report_to in (["none"], ["None"]):
             self.report_to = []
 
+    def per_device_batch(self, world_size: int) -> int:
+        """Images per worker among `world_size`: the global batch's share if one is set (it must divide)."""
+        if self.global_train_batch_size is None:
+            return self.per_device_train_batch_size
+        share, rest = divmod(self.global_train_batch_size, world_size)
+        if rest or share == 0:
+            raise ValueError(
+                f"global_train_batch_size {self.global_train_batch_size} does not split into {world_size} equal "
+                "per-worker batches."
+            )
+        return share
+
 
 @dataclass
 class LaunchArguments:
@@ -261,7 +280,14 @@ class LaunchArguments:
             "help": "'ray' (Ray Train workers) or 'local' (this process, or each process of `accelerate launch`)."
         },
     )
-    num_workers: int = field(default=2, metadata={"help": "Ray Train workers (one process each)."})
+    # `int | str | None` parses as a string: "2" or "2-4" (None is refused).
+    num_workers: int | str | None = field(
+        default=2,
+        metadata={
+            "help": "Ray Train workers (one process each): N, or MIN-MAX (YAML also [MIN, MAX]) for an elastic run "
+            "that Ray resizes as nodes come and go, with a fixed --global_train_batch_size."
+        },
+    )
     use_gpu: bool = field(default=False, metadata={"help": "One GPU per worker."})
     resources_per_worker: dict | str | None = field(
         default=None, metadata={"help": 'JSON, e.g. {"CPU": 4, "GPU": 1}; default 1 CPU (or 1 GPU).'}
@@ -298,6 +324,42 @@ class LaunchArguments:
             except json.JSONDecodeError as error:
                 raise ValueError(f"resources_per_worker must be a JSON object: {error}") from error
         _check_ranges(self, LAUNCH_RANGES)
+        self.num_workers = _normalised_num_workers(self.num_workers)
+
+    @property
+    def min_workers(self) -> int:
+        return self.worker_counts.start
+
+    @property
+    def max_workers(self) -> int:
+        return self.worker_counts.stop - 1
+
+    @property
+    def is_elastic(self) -> bool:
+        return isinstance(self.num_workers, str)
+
+    @property
+    def worker_counts(self) -> range:
+        """Every number of workers the run may have."""
+        if isinstance(self.num_workers, int):
+            return range(self.num_workers, self.num_workers + 1)
+        low, high = (int(part) for part in self.num_workers.split("-"))
+        return range(low, high + 1)
+
+
+def _normalised_num_workers(value) -> int | str:
+    """A fixed count as an int, an elastic range as "MIN-MAX" (from 2, "2", "2-4", [2, 4] or (2, 4))."""
+    text = "-".join(str(part) for part in value) if isinstance(value, (list, tuple)) else str(value)
+    parts = text.replace(" ", "").split("-")
+    if not (1 <= len(parts) <= 2 and all(part.isdigit() for part in parts)):
+        raise ValueError(
+            f"num_workers must be a number of workers (e.g. 4) or a range MIN-MAX (e.g. 2-4; YAML also [2, 4]), "
+            f"got {value!r}."
+        )
+    low, high = int(parts[0]), int(parts[-1])
+    if not 1 <= low <= high:
+        raise ValueError(f"num_workers must be at least 1, and MIN <= MAX in a range MIN-MAX; got {value!r}.")
+    return low if low == high else f"{low}-{high}"
 
 
 @dataclass
@@ -308,6 +370,11 @@ class PretrainArguments:
     data: DataArguments
     training: TwistTrainingArguments
     launch: LaunchArguments
+
+    def for_world_size(self, world_size: int) -> PretrainArguments:
+        """These arguments as one of `world_size` workers sees them: its share of the global batch."""
+        training = replace(self.training, per_device_train_batch_size=self.training.per_device_batch(world_size))
+        return replace(self, training=training)
 
     def to_dict(self) -> dict:
         return {
@@ -356,6 +423,7 @@ DATA_RANGES = {
 TRAINING_RANGES = {
     "num_train_epochs": NON_NEGATIVE,
     "per_device_train_batch_size": AT_LEAST_ONE,
+    "global_train_batch_size": AT_LEAST_ONE,
     "learning_rate": POSITIVE,
     "min_lr_ratio": FRACTION,
     "weight_decay": NON_NEGATIVE,
@@ -378,7 +446,7 @@ TRAINING_RANGES = {
     "knn_temperature": POSITIVE,
     "hub_push_timeout": POSITIVE,
 }
-LAUNCH_RANGES = {"num_workers": AT_LEAST_ONE, "max_failures": Range(-1)}
+LAUNCH_RANGES = {"max_failures": Range(-1)}  # num_workers: `_normalised_num_workers`
 
 
 def _check_ranges(arguments, ranges: dict[str, Range]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -45,16 +46,21 @@ RAY_TRAIN_ENV = {
 }
 # How long the per-node checks may take before the cluster is called unusable.
 NODE_CHECK_TIMEOUT_S = 120
+# An elastic run that lost a node asks for its old size once more before it shrinks: a shorter worker-group start
+# timeout bounds that retry. It waits only for resources, not for workers to start (docs/elastic.md).
+ELASTIC_RAY_TRAIN_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
 
 
 class LaunchError(ValueError):
     """A problem with the run's configuration or environment, found before training starts."""
 
 
-def world_size_for(args: PretrainArguments) -> int:
+def world_sizes_for(args: PretrainArguments) -> range:
+    """Every number of workers the run may have: the Ray range, or this `accelerate launch` world."""
     if args.launch.launcher == "ray":
-        return args.launch.num_workers
-    return int(os.environ.get("WORLD_SIZE", "1"))
+        return args.launch.worker_counts
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return range(world, world + 1)
 
 
 def validate_before_launch(args: PretrainArguments) -> None:
@@ -62,7 +68,7 @@ def validate_before_launch(args: PretrainArguments) -> None:
     from .data import check_dataset
 
     config = args.model.build_config()
-    _check_bunch(config, args.training.per_device_train_batch_size, world_size_for(args))
+    _check_batch_layout(args, config)
     check_dataset(args.data, need_labels=bool(args.data.eval_split))
     _check_output_dir(args)
     _check_resume(args)
@@ -78,13 +84,61 @@ def validate_before_launch(args: PretrainArguments) -> None:
         stored_resume_checkpoint(args)  # `latest` with nothing in the bucket fails here
 
 
-def _check_bunch(config, batch: int, world: int) -> None:
-    if config.last_norm != "bunch":
-        return
+def _check_batch_layout(args: PretrainArguments, config) -> None:
+    """Every worker count the run may have must split the global batch into equal per-worker batches that
+    fit the last norm's bunches; otherwise say which counts and global batch sizes would."""
+    training, counts = args.training, world_sizes_for(args)
+    if args.launch.is_elastic and args.launch.launcher == "ray" and training.global_train_batch_size is None:
+        raise LaunchError(
+            f"--num_workers {args.launch.num_workers} resizes the run, and TWIST's batch statistics need the same "
+            f"global batch at every size: set --global_train_batch_size (e.g. "
+            f"{_fitting_global_batches(config, training.per_device_train_batch_size * counts.stop, counts)[0]})."
+        )
+    for world in counts:
+        problem = _layout_problem(config, training, world)
+        if problem is None:
+            continue
+        if training.global_train_batch_size is None:
+            raise LaunchError(f"{problem} (options: --bunch_size, --per_device_train_batch_size, --num_workers)")
+        size = training.global_train_batch_size
+        fitting_counts = [
+            count for count in range(1, 2 * counts.stop + 8) if not _layout_problem(config, training, count)
+        ]
+        fitting_sizes = _fitting_global_batches(config, size, counts)
+        raise LaunchError(
+            f"{problem} Worker counts that fit --global_train_batch_size {size}: "
+            f"{', '.join(map(str, fitting_counts)) or 'none'}; global batch sizes that fit every count in "
+            f"--num_workers {args.launch.num_workers}: {', '.join(map(str, fitting_sizes))}."
+        )
+
+
+def _layout_problem(config, training, world: int) -> str | None:
+    """Why `world` workers cannot share this batch (None if they can)."""
     try:
-        bunch_layout(batch, config.bunch_size, world)
+        batch = training.per_device_batch(world)
+        if config.last_norm == "bunch":
+            bunch_layout(batch, config.bunch_size, world)
     except ValueError as error:
-        raise LaunchError(f"{error} (options: --bunch_size, --per_device_train_batch_size, --num_workers)") from error
+        return f"With {world} workers: {error}"
+    return None
+
+
+def _fitting_global_batches(config, near: int, counts: range, how_many: int = 4) -> list[int]:
+    """The `how_many` global batch sizes closest to `near` that every worker count in `counts` can share."""
+    step = math.lcm(*counts)
+    candidates = range(step, max(4 * near, 64 * step) + 1, step)
+    fitting = [size for size in candidates if all(_fits(config, size, world) for world in counts)]
+    return sorted(sorted(fitting, key=lambda size: abs(size - near))[:how_many])
+
+
+def _fits(config, global_batch: int, world: int) -> bool:
+    if config.last_norm != "bunch":
+        return True
+    try:
+        bunch_layout(global_batch // world, config.bunch_size, world)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_output_dir(args: PretrainArguments) -> None:
@@ -204,11 +258,12 @@ def _check_cluster(args: PretrainArguments) -> None:
     import ray
 
     available = ray.cluster_resources()
+    workers = args.launch.min_workers
     for resource, amount in worker_resources(args).items():
-        needed = amount * args.launch.num_workers
+        needed = amount * workers
         if available.get(resource, 0) < needed:
             raise LaunchError(
-                f"{args.launch.num_workers} workers need {needed:g} {resource} but the Ray cluster has "
+                f"{workers} workers need {needed:g} {resource} but the Ray cluster has "
                 f"{available.get(resource, 0):g}. Lower --num_workers or --resources_per_worker, or add nodes."
             )
     check_nodes_import_package(args)
@@ -260,11 +315,12 @@ def start_ray(args: PretrainArguments) -> bool:
 
     if ray.is_initialized():
         return False
-    for key, value in RAY_TRAIN_ENV.items():
+    defaults = {**RAY_TRAIN_ENV, **(ELASTIC_RAY_TRAIN_ENV if args.launch.is_elastic else {})}
+    for key, value in defaults.items():
         os.environ.setdefault(key, value)
     address = args.launch.ray_address or os.environ.get("RAY_ADDRESS")
     # No secret here: Ray's dashboard and job records show the runtime_env (see `train_loop_config`).
-    env_vars = {key: os.environ[key] for key in RAY_TRAIN_ENV}
+    env_vars = {key: os.environ[key] for key in defaults}
     ray.init(
         address=address,
         include_dashboard=args.launch.ray_dashboard if address is None else None,
@@ -282,7 +338,7 @@ def build_torch_trainer(
     callbacks: list | None = None,
     initial_checkpoint: str | None = None,
 ):
-    """The Ray Train trainer of one pretraining run: `num_workers` workers of `ray_train_loop` placed by
+    """The Ray Train trainer of one pretraining run: `num_workers` workers (or a range) of `ray_train_loop` placed by
     `placement_strategy`, failures resumed from the last checkpoint, the last `save_total_limit` checkpoints
     kept; a fresh run starts from `initial_checkpoint` (a storage URI) when given."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -293,7 +349,7 @@ def build_torch_trainer(
         train_loop_per_worker=ray_train_loop,
         train_loop_config=train_loop_config(args, initial_checkpoint),
         scaling_config=ScalingConfig(
-            num_workers=args.launch.num_workers,
+            num_workers=_ray_num_workers(args),
             use_gpu=args.launch.use_gpu,
             resources_per_worker=resources,
             placement_strategy=args.launch.placement_strategy,
@@ -320,6 +376,12 @@ def train_loop_config(args: PretrainArguments, initial_checkpoint: str | None = 
         "initial_checkpoint": initial_checkpoint,
         "hub_token": ray.put(token) if token else None,
     }
+
+
+def _ray_num_workers(args: PretrainArguments) -> int | tuple[int, int]:
+    """Ray Train's form: a count, or (min, max) for an elastic run."""
+    launch = args.launch
+    return (launch.min_workers, launch.max_workers) if launch.is_elastic else launch.num_workers
 
 
 def run_ray(args: PretrainArguments) -> dict:
@@ -395,7 +457,7 @@ def launch(args: PretrainArguments) -> dict:
             for path in remove_run_outputs(args.training.output_dir):
                 logger.info("--overwrite_output_dir: removed %s of the previous run.", path)
         metrics = run_ray(args) if args.launch.launcher == "ray" else run_local(args)
-    if metrics.get("status") == "diverged":
+    if metrics.get("status") in ("diverged", "preempted"):
         raise RuntimeError(metrics.get("error", "Training diverged."))
     return metrics
 

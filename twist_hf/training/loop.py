@@ -31,6 +31,7 @@ from .checkpoint import (
 from .data import BatchedViews, PerImageViews, build_train_views, crop_transforms
 from .monitors import build_monitors, monitor_metrics
 from .optim import build_recipe_optimizer, build_schedule
+from .preemption import TerminationNotice, TrainingPreempted
 from .run_log import RunLog, step_statistics
 from .step import (
     TrainingDivergedError,
@@ -112,8 +113,10 @@ class PretrainingRun:
     """One worker's share of a pretraining run: build, restore, train (checkpointing on the way), finish."""
 
     def __init__(self, args: PretrainArguments, reporter: Reporter):
-        self.args, self.reporter, self.training = args, reporter, args.training
         self.accelerator = build_accelerator(args)
+        # An elastic run restarted on fewer workers keeps its global batch: each worker takes a larger share.
+        args = args.for_world_size(self.accelerator.num_processes)
+        self.args, self.reporter, self.training = args, reporter, args.training
         self.output_dir = Path(self.training.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         model = build_model(args)
@@ -146,8 +149,10 @@ class PretrainingRun:
         self.pusher = self._build_pusher()
         # A resumed run starts from a good checkpoint: the one it resumed from, until it saves its own.
         self.last_checkpoint_step: int | None = self.start_step or None
-        # The first log line of a resumed (or Ray-restarted) run says where it picked up.
-        self.resumed_from_step: int | None = self.start_step or None
+        # The first log line of a (re)started run says on how many workers, and where a resumed one picked up.
+        self.start_note = {"num_workers": world, "global_batch_size": self.global_batch}
+        if self.start_step:
+            self.start_note["resumed_from_step"] = self.start_step
         self.last_step = self.start_step
         self.log = RunLog(self.accelerator, self.output_dir, self.schedule.total_steps, self.start_step, args.to_dict())
 
@@ -187,17 +192,16 @@ class PretrainingRun:
         """Train to the last step, save the model and its checkpoint, then evaluate and report; returns the final
         metrics (same on every rank). Whatever way it exits, the pending Hub pushes are finished first."""
         started = time.perf_counter()
+        notice = TerminationNotice()
         try:
             try:
-                self._train()
+                self._train(notice)
             except TrainingDivergedError as error:
-                metrics = {
-                    "status": "diverged",
-                    "error": self._divergence_message(error),
-                    "global_step": self.last_step,
-                }
-                self.reporter.report(metrics, None)
-                return metrics
+                return self._stopped({"status": "diverged", "error": self._divergence_message(error)})
+            except TrainingPreempted as error:
+                return self._stopped({"status": "preempted", "error": str(error)})
+            finally:
+                notice.close()
             train_seconds = time.perf_counter() - started
             self._save_final_model()
             results = self._results(train_seconds)
@@ -207,6 +211,12 @@ class PretrainingRun:
         finally:
             self.log.close()
             self._finish_pushes()
+
+    def _stopped(self, metrics: dict) -> dict:
+        """Report why the run stopped early (no new checkpoint: the last one stands)."""
+        metrics["global_step"] = self.last_step
+        self.reporter.report(metrics, None)
+        return metrics
 
     def _results(self, train_seconds: float) -> dict:
         total = self.schedule.total_steps
@@ -229,13 +239,14 @@ class PretrainingRun:
             return skipped.count
         return int(self.accelerator.reduce(torch.tensor(skipped.count, device=self.accelerator.device), "sum"))
 
-    def _train(self) -> None:
+    def _train(self, notice: TerminationNotice) -> None:
         """Epoch by epoch to the schedule's last step. An epoch ends when its data ends (batches without a decodable
         image are skipped on every rank, so an epoch may train fewer than `steps_per_epoch` steps); an epoch that
-        crosses into the self-labeling phase is read in two pieces, each with its phase's crops."""
+        crosses into the self-labeling phase is read in two pieces, each with its phase's crops. After SIGTERM,
+        the step that was running is checkpointed and the run stops."""
         while self.last_step < self.schedule.total_steps:
             piece_start = self.batch_in_epoch
-            trained = self._train_piece()
+            trained = self._train_piece(notice)
             if self.batch_in_epoch < self.views.steps_per_epoch:
                 continue  # the phase changed mid-epoch, or the run reached its last step
             if trained == 0 and piece_start == 0:
@@ -244,7 +255,7 @@ class PretrainingRun:
             if self.last_step < self.schedule.total_steps:
                 self._end_of_epoch(self.last_step)
 
-    def _train_piece(self) -> int:
+    def _train_piece(self, notice: TerminationNotice) -> int:
         """Train on the epoch's batches from where the data stands until the epoch, the phase or the run ends;
         returns the steps trained."""
         step = self.last_step
@@ -258,6 +269,8 @@ class PretrainingRun:
             step, trained = step + 1, trained + 1
             self.last_step = step
             self._after_step(step)
+            if step < self.schedule.total_steps and notice.on_any_rank(self.accelerator):
+                self._checkpoint_and_stop(step)
             if step >= phase_end:
                 break
         return trained
@@ -296,6 +309,11 @@ class PretrainingRun:
             if step < self.schedule.total_steps:
                 self._checkpoint(step, {})
 
+    def _checkpoint_and_stop(self, step: int) -> None:
+        if self.last_checkpoint_step != step:
+            self._checkpoint(step, {"preempted": True})
+        raise TrainingPreempted(step)
+
     def _end_of_epoch(self, step: int) -> None:
         metrics = {"epoch": self.epoch}
         if self.training.eval_strategy == "epoch" and self.monitors:
@@ -320,8 +338,8 @@ class PretrainingRun:
             "img_per_s": self.log.throughput(step, self.global_batch),
             "epoch": self.epoch + self.batch_in_epoch / self.views.steps_per_epoch,
         }
-        if self.resumed_from_step is not None:
-            metrics["resumed_from_step"], self.resumed_from_step = self.resumed_from_step, None
+        metrics.update(self.start_note)
+        self.start_note = {}
         self.log.log(step, metrics)
         if step > self.schedule.warmup_steps and not self.schedule.in_self_label_phase(step):
             self.log.warn_if_collapsing(step, metrics, self.config.num_classes, output.logits.shape[1])

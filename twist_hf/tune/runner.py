@@ -176,9 +176,10 @@ def remove_sweep_outputs(plan: SweepPlan) -> list[Path]:
 
 
 def trial_resources(base: PretrainArguments) -> dict:
-    """What one trial holds: its worker's resources, or a tiny driver share plus num_workers workers."""
+    """What one trial holds: its worker's resources, or a tiny driver share plus num_workers workers (the most
+    an elastic range may use)."""
     per_worker = worker_resources(base)
-    workers = base.launch.num_workers
+    workers = base.launch.max_workers
     if workers == 1:
         return dict(per_worker)
     total = {name: amount * workers for name, amount in per_worker.items()}
@@ -189,7 +190,7 @@ def trial_resources(base: PretrainArguments) -> dict:
 def trial_function_resources(base: PretrainArguments) -> dict:
     """What Tune reserves for the trial function: its worker, or only the driver share (Ray Train's workers
     reserve their own)."""
-    return dict(worker_resources(base)) if base.launch.num_workers == 1 else {"CPU": DRIVER_CPU}
+    return dict(worker_resources(base)) if base.launch.max_workers == 1 else {"CPU": DRIVER_CPU}
 
 
 def concurrent_trials(requested: int, per_trial: dict, available: dict) -> int:
