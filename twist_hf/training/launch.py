@@ -48,6 +48,8 @@ def validate_before_launch(args: PretrainArguments) -> None:
     _check_output_dir(args)
     if args.training.push_to_hub:
         _check_hub_token(args)
+    if args.data.augmentation_backend == "ray_data" and args.launch.launcher != "ray":
+        raise LaunchError("--augmentation_backend ray_data streams from Ray Data tasks: it needs --launcher ray.")
     if args.launch.use_gpu and args.launch.launcher == "local" and not torch.cuda.is_available():
         raise LaunchError("--use_gpu was given but this machine has no CUDA device.")
 
@@ -164,10 +166,13 @@ def build_torch_trainer(args: PretrainArguments, name: str, storage_path: str, c
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from .ray_data import train_datasets
+
     resources = worker_resources(args)
     return TorchTrainer(
         train_loop_per_worker=ray_train_loop,
         train_loop_config={"args": args.to_dict()},
+        datasets=train_datasets(args),
         scaling_config=ScalingConfig(
             num_workers=args.launch.num_workers, use_gpu=args.launch.use_gpu, resources_per_worker=resources
         ),
