@@ -89,6 +89,7 @@ def test_reduced_jpeg_decode_keeps_every_crop_at_its_output_size_and_the_views_c
         assert (reduced - reference).abs().mean() < 0.1
 
 
+@pytest.mark.slow
 def test_gpu_backend_trains_end_to_end_and_resumes_exactly(jpeg_folder, tmp_path):
     """recipes/pretrain.py with --augmentation_backend gpu on a JPEG imagefolder; resumed at step 4 of 8 (the
     second epoch starts at step 6) it ends with bit-identical weights."""
@@ -102,7 +103,6 @@ def test_gpu_backend_trains_end_to_end_and_resumes_exactly(jpeg_folder, tmp_path
         bunch_size=16,
         max_train_samples=96,
         max_eval_samples=32,
-        image_size=32,
         max_steps=8,
         save_strategy="steps",
         save_steps=4,
