@@ -28,10 +28,12 @@ def two_node_cluster():
     """Head: 0 CPUs and 2 `trainer` slots (the Train workers); second node: 2 CPUs (Ray Data's tasks)."""
     for key, value in RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
-    temp_dir = f"/tmp/ray-backends/{os.getpid()}"
+    temp_dir = Path("/tmp/ray-backends") / f"two-node-{os.getpid()}"
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    (Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray").mkdir(parents=True, exist_ok=True)  # Ray's address file
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 0, "resources": {"trainer": 2}, "object_store_memory": STORE, "temp_dir": temp_dir},
+        head_node_args={"num_cpus": 0, "resources": {"trainer": 2}, "object_store_memory": STORE, "temp_dir": str(temp_dir)},
     )
     data_node = cluster.add_node(num_cpus=2, object_store_memory=STORE)
     ray.init(address=cluster.address, runtime_env={"env_vars": {key: os.environ[key] for key in RAY_TRAIN_ENV}})
@@ -41,9 +43,11 @@ def two_node_cluster():
 
 
 def actors_nodes(name_part: str) -> set[str]:
+    """The nodes that ran the actors whose class name contains `name_part` (never-placed ones left out)."""
     from ray.util.state import list_actors
 
-    return {actor.node_id for actor in list_actors(limit=1000, detail=True) if name_part in actor.class_name}
+    actors = list_actors(limit=1000, detail=True)
+    return {actor.node_id for actor in actors if name_part in actor.class_name and actor.node_id is not None}
 
 
 def test_augmentation_runs_on_the_node_without_train_workers(two_node_cluster, tmp_path):
