@@ -7,16 +7,17 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import datasets
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 from twist_hf.data import DecodedIterableImageDataset, epoch_seed, find_image_column, load_image_dataset
+from twist_hf.device_ingest import StepBatches, draft_factor
 from twist_hf.gpu_augment import DeviceMultiCrop
-from twist_hf.training.device_views import DeviceViews, StepBatches, draft_factor
+from twist_hf.training.device_views import DeviceViews
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -75,7 +76,8 @@ def test_reduced_jpeg_decode_keeps_every_crop_at_its_output_size_and_the_views_c
     dataset = datasets.Dataset.from_dict({"image": [{"bytes": data, "path": None}]}).cast_column(
         "image", datasets.Image(decode=False)
     )
-    batch = StepBatches(dataset, "image", crops, 1, step_seed=5, start=0, stop=1, encoded_jpegs=False)[0]
+    values = lambda first, end: dataset[first:end]["image"]  # noqa: E731
+    batch = StepBatches(values, crops, 1, step_seed=5, start=0, stop=1, encoded_jpegs=False)[0]
     reference_parameters = crops.sample(torch.tensor([[480.0, 640.0]]), torch.Generator().manual_seed(epoch_seed(5, 0)))
     boxes = torch.stack([view.boxes[0] for view in reference_parameters])
     assert draft_factor(boxes, crops.sizes) >= 2 and batch.images[0].shape[1] < 480

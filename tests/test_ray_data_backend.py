@@ -33,7 +33,12 @@ def two_node_cluster():
     (Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray").mkdir(parents=True, exist_ok=True)  # Ray's address file
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 0, "resources": {"trainer": 2}, "object_store_memory": STORE, "temp_dir": str(temp_dir)},
+        head_node_args={
+            "num_cpus": 0,
+            "resources": {"trainer": 2},
+            "object_store_memory": STORE,
+            "temp_dir": str(temp_dir),
+        },
     )
     data_node = cluster.add_node(num_cpus=2, object_store_memory=STORE)
     ray.init(address=cluster.address, runtime_env={"env_vars": {key: os.environ[key] for key in RAY_TRAIN_ENV}})

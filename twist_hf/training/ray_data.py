@@ -23,8 +23,14 @@ import numpy as np
 import torch
 
 from ..configuration_twist import TwistConfig
-from ..data import SkippedImageCounter, decode_image_or_reason, epoch_seed, find_image_column, shuffled_shard_for_epoch
-from ..data import with_undecoded_images
+from ..data import (
+    SkippedImageCounter,
+    decode_image_or_reason,
+    epoch_seed,
+    find_image_column,
+    shuffled_shard_for_epoch,
+    with_undecoded_images,
+)
 from .arguments import PretrainArguments
 from .optim import build_schedule
 
