@@ -80,7 +80,7 @@ def build_ray_train_dataset(args: PretrainArguments, start_step: int = 0):
         fn_constructor_kwargs={"args_dict": args.to_dict(), "start_step": start_step},
         batch_size=batch,
         num_cpus=1,
-        concurrency=(1, max(1, int(ray.cluster_resources().get("CPU", 1)))),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))),
     )
 
 
