@@ -4,6 +4,7 @@ shards, WebDataset tar shards and streaming."""
 
 import io
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -137,3 +138,21 @@ def test_large_dataset_formats_load_and_decode(tmp_path, layout, streaming):
     assert len(dataset) == 12 and column in ("image", "jpg")
     views = DeviceViews(dataset, None, small_crops(), 4, 0, 1, 0, 0, torch.device("cpu"))
     assert views.steps_per_epoch == 3 and len(list(views.epoch(0))) == 3 and views.skipped.count == 0
+
+
+def test_gpu_benchmark_feeds_jpegs_through_both_backends_without_ray_or_datasets():
+    """benchmarks/gpu.py's JPEG section (per_image over plain files, gpu backend) where `ray` and `datasets`
+    cannot be imported, on the CPU with the smoke sizes."""
+    script = (
+        "import sys; sys.modules.update(ray=None, datasets=None); sys.path.insert(0, 'benchmarks')\n"
+        "import gpu, torch\n"
+        "args = gpu.parse_args(['--device', 'cpu', '--tiny', '--loader-workers', '1'])\n"
+        "rows = gpu.jpeg_backends(args, torch.device('cpu'), flops_per_step=10**9)\n"
+        "assert set(rows) == {'workload', 'per_image', 'gpu, CPU draft decode'}, rows\n"
+        "measured = [row for key, row in rows.items() if key != 'workload']\n"
+        "assert all(row['img_per_s'] > 0 and 0 <= row['data_wait_fraction'] <= 1 for row in measured)\n"
+    )
+    finished = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
