@@ -4,7 +4,11 @@
    2x224 + 6x96 crops, LARS, bf16 autocast, channels_last) with torch.compile: images/s and model FLOP
    utilisation (FLOPs of one step counted with FlopCounterMode, divided by step time and the GPU's dense bf16
    peak). Needs neither Ray nor `datasets`.
-2. The library's pretraining run of the Fashion-MNIST recipe (recipes/configs/fmnist.yaml) with a
+2. End-to-end training of that step on JPEG files generated here (no downloads), data and step together, per
+   augmentation backend that runs without Ray and `datasets`: per_image (`MultiCropTransform` in DataLoader
+   workers over a plain torch Dataset of files) and gpu (workers decode and draw the parameters, the views made
+   batched on the GPU; JPEGs decoded by nvJPEG, or drafted on the CPU): img/s, data-wait fraction, MFU.
+3. The library's pretraining run of the Fashion-MNIST recipe (recipes/configs/fmnist.yaml) with a
    ResNet-18-sized backbone on one GPU, and its weighted kNN top-1 on the test set against the same network at
    random init (needs `datasets`, as every pretraining run does).
 
@@ -15,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -34,6 +39,7 @@ from harness import (
     summarise,
     write_json,
 )
+from ingest import IMAGENET_SIZE, jpeg_folder, timed_training
 from train_step import RECIPES, Variant, Workload, recipe_arguments, recipe_step, synthetic_views
 
 from twist_hf.training.arguments import PretrainArguments, make_parser, read_recipe
@@ -79,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Fashion-MNIST IDX .gz folder (default: benchmarks/data/"
         "fashion-mnist, else /usr/share/datasets/fashion-mnist)",
     )
+    parser.add_argument("--jpeg-steps", type=int, default=30, help="timed steps per backend on JPEG files")
+    parser.add_argument("--loader-workers", type=int, default=None, help="default: all cores but one")
     parser.add_argument("--fmnist-epochs", type=float, default=10.0)
     parser.add_argument("--fmnist-batch-size", type=int, default=512)
     parser.add_argument("--results-dir", default=str(HERE / "results"))
@@ -110,11 +118,8 @@ def count_step_flops(model, views: list[torch.Tensor], device: torch.device) -> 
 
 def resnet50_throughput(args: argparse.Namespace, device: torch.device) -> dict:
     """The ResNet-50 multi-crop recipe's library training step: img/s, step time, MFU, peak memory."""
-    batch, global_size, local_size = (4, 64, 32) if args.tiny else (args.batch_size, 224, 96)
+    step, model, batch, global_size, local_size = resnet50_step(args, device)
     use_compile = device.type == "cuda" and not args.no_compile
-    workload = Workload("resnet50-multicrop", "resnet50", batch, global_size, MULTICROP_RECIPE, local_size, 6)
-    variant = Variant("recipe", channels_last=True, bf16=True, compile=use_compile)
-    step, model = recipe_step(recipe_arguments(workload, variant), device)
     views = synthetic_views(batch, [global_size] * 2 + [local_size] * 6, device, channels_last=True)
     flops = count_step_flops(model, views, device)
     steps_per_rep = 1 if args.tiny else args.steps_per_rep
@@ -136,6 +141,70 @@ def resnet50_throughput(args: argparse.Namespace, device: torch.device) -> dict:
         "mfu": flops / step_s["median"] / peak if peak else None,
         "peak_memory_mb": memory.peak_bytes / 2**20,
         "memory_measure": memory.kind,
+    }
+
+
+def resnet50_step(args: argparse.Namespace, device: torch.device, preset: str = "resnet50"):
+    """The ResNet-50 multi-crop recipe's library step on a fresh model (another `preset` for smoke tests):
+    (step, model, batch, global size, local size)."""
+    batch, global_size, local_size = (4, 64, 32) if args.tiny else (args.batch_size, 224, 96)
+    use_compile = device.type == "cuda" and not args.no_compile
+    workload = Workload("resnet50-multicrop", preset, batch, global_size, MULTICROP_RECIPE, local_size, 6)
+    variant = Variant("recipe", channels_last=True, bf16=True, compile=use_compile)
+    step, model = recipe_step(recipe_arguments(workload, variant), device)
+    return step, model, batch, global_size, local_size
+
+
+def jpeg_backends(args: argparse.Namespace, device: torch.device, flops_per_step: int) -> dict:
+    """End-to-end img/s, data-wait fraction and MFU of the ResNet-50 step fed from JPEG files, per backend."""
+    from torch.utils.data import DataLoader
+
+    from twist_hf.device_ingest import MultiCropFiles, StepBatches, file_values, keep_batch, views_on_device
+    from twist_hf.gpu_augment import DeviceMultiCrop
+    from twist_hf.transforms import MultiCropTransform
+
+    step, model, batch, global_size, local_size = resnet50_step(
+        args, device, "tiny-resnet" if args.tiny else "resnet50"
+    )
+    warmup, steps = (1, 2) if args.tiny else (5, args.jpeg_steps)
+    workers = args.loader_workers if args.loader_workers is not None else max(1, (os.cpu_count() or 2) - 1)
+    law = {
+        "global_size": global_size,
+        "local_size": local_size,
+        "num_local_crops": 6,
+        "mean": model.config.image_mean,
+        "std": model.config.image_std,
+    }
+    on_gpu, peak = device.type == "cuda", bf16_peak_flops(device, args.peak_tflops)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="gpu-bench-jpegs-") as folder:
+        files = jpeg_folder(
+            Path(folder), min(512, batch * (warmup + steps)), size=(96, 128) if args.tiny else IMAGENET_SIZE
+        )
+        paths = [files[index % len(files)] for index in range(batch * (warmup + steps))]
+        per_image = DataLoader(
+            MultiCropFiles(paths, MultiCropTransform(**law)),
+            batch_size=batch,
+            shuffle=True,
+            num_workers=workers,
+            pin_memory=on_gpu,
+            drop_last=True,
+        )
+        crops = DeviceMultiCrop(**law, seed=0)
+        feeds = {"per_image": lambda: per_image}
+        for label, encoded in (("gpu, nvJPEG decode", True), ("gpu, CPU draft decode", False)):
+            if encoded and not on_gpu:
+                continue
+            batches = StepBatches(file_values(paths), crops, batch, 0, 0, warmup + steps, encoded_jpegs=encoded)
+            loader = DataLoader(batches, batch_size=None, collate_fn=keep_batch, num_workers=workers, pin_memory=on_gpu)
+            feeds[label] = lambda loader=loader: views_on_device(loader, crops, device, lambda skipped: None)
+        for label, feed in feeds.items():
+            row = timed_training(feed(), step, batch, warmup, steps, device)
+            row["mfu"] = flops_per_step * row["img_per_s"] / batch / peak if peak else None
+            results[label] = row
+    return {
+        "workload": f"resnet50 2x{global_size} + 6x{local_size}, batch {batch}, {workers} loader workers",
+        **results,
     }
 
 
@@ -240,6 +309,17 @@ def markdown(results: dict) -> str:
         ["ResNet-50 2x224+6x96 recipe step (LARS, bf16)", fmt_range(r50["img_per_s"], 2), f"MFU {mfu}"],
         ["Fashion-MNIST recipe run, ResNet-18-sized", *fashion_mnist_cells(results["fashion_mnist"])],
     ]
+    jpegs = results["jpeg_backends"]
+    for label, row in jpegs.items():
+        if label != "workload":
+            mfu = f", MFU {100 * row['mfu']:.1f}%" if row["mfu"] is not None else ""
+            rows.append(
+                [
+                    f"{jpegs['workload']} from JPEGs: {label}",
+                    f"{row['img_per_s']:.0f}",
+                    f"data wait {100 * row['data_wait_fraction']:.0f}%{mfu}",
+                ]
+            )
     return (
         f"# GPU benchmark: {results['machine']['device']}, {results['machine']['date']}\n\n"
         + markdown_table(["benchmark", "img/s median (min-max)", "result"], rows)
@@ -263,10 +343,12 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("No CUDA device here; run with --device cpu --tiny for a smoke test.")
     torch.backends.cudnn.benchmark = True
+    resnet50 = resnet50_throughput(args, device)
     results = {
         "machine": machine_info(device),
         "tiny": args.tiny,
-        "resnet50_multicrop": resnet50_throughput(args, device),
+        "resnet50_multicrop": resnet50,
+        "jpeg_backends": jpeg_backends(args, device, resnet50["flops_per_step"]),
         "fashion_mnist": fashion_mnist_run(args, device),
     }
     stem = f"gpu-{device_slug(device)}{'-tiny' if args.tiny else ''}-{results['machine']['date']}"

@@ -19,7 +19,7 @@ from ..data import DEFAULT_IMAGE_LIMITS, ImageLimits, dataset_roots
 from ..hub import HUB_STRATEGIES
 
 OPTIMIZERS = ("lars", "adamw", "sgd")
-AUGMENTATION_BACKENDS = ("batched", "per_image")
+AUGMENTATION_BACKENDS = ("batched", "per_image", "gpu", "ray_data")
 SAVE_STRATEGIES = ("steps", "epoch", "no")
 EVAL_STRATEGIES = ("no", "epoch")
 LAUNCHERS = ("ray", "local")
@@ -104,7 +104,9 @@ class DataArguments:
         default="batched",
         metadata={
             "help": "'batched': decode the split once into memory and augment whole batches (small images); "
-            "'per_image': torchvision v2 per image in DataLoader workers (any size, streaming)."
+            "'per_image': torchvision v2 per image in DataLoader workers (any size, streaming); "
+            "'gpu': workers decode, the views are made batched on the training device; "
+            "'ray_data': decoding and augmentation as Ray Data tasks on any CPU of the cluster (--launcher ray)."
         },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
@@ -136,10 +138,10 @@ class DataArguments:
     def __post_init__(self):
         _check_ranges(self, DATA_RANGES)
         check_choice("augmentation_backend", self.augmentation_backend, AUGMENTATION_BACKENDS)
-        if self.streaming and self.augmentation_backend == "batched":
+        if self.streaming and self.augmentation_backend != "per_image":
             raise ValueError(
-                "streaming needs augmentation_backend='per_image' (the batched backend holds the "
-                "whole split in memory)."
+                f"streaming needs augmentation_backend='per_image' (the {self.augmentation_backend} backend "
+                "indexes the split by step)."
             )
         for name in ("global_crop_scale", "local_crop_scale"):
             low, high = getattr(self, name)

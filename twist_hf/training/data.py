@@ -292,8 +292,11 @@ def crop_transforms(
 def build_train_views(
     args: PretrainArguments, config: TwistConfig, rank: int, world_size: int
 ) -> BatchedViews | PerImageViews:
-    """This rank's training views with the phase-1 crops: in memory (batched backend) or per image."""
+    """This rank's training views with the phase-1 crops: in memory (batched backend), per image, made on the
+    training device (gpu) or streamed from Ray Data tasks (ray_data)."""
     training, data = args.training, args.data
+    if data.augmentation_backend in ("gpu", "ray_data"):
+        return build_ingest_views(args, config, rank, world_size)
     batched = data.augmentation_backend == "batched"
     transform = crop_transforms(args, config, self_labeling=False, batched=batched)
     if batched:
@@ -313,4 +316,30 @@ def build_train_views(
         training.seed,
         training.max_steps if training.max_steps > 0 else None,
         pin_memory=args.launch.use_gpu,
+    )
+
+
+def build_ingest_views(args: PretrainArguments, config: TwistConfig, rank: int, world_size: int):
+    """The views of the `gpu` backend (`DeviceViews`) or of the `ray_data` backend (`RayDataViews`)."""
+    training, data = args.training, args.data
+    if data.augmentation_backend == "ray_data":
+        from .ray_data import RayDataViews
+
+        return RayDataViews(args, config, rank, world_size)
+    from .device_views import DeviceViews, device_crops, training_device
+
+    dataset = open_dataset(data, data.train_split)
+    if data.max_train_samples is not None:
+        dataset = dataset.select(range(min(data.max_train_samples, len(dataset))))
+    law = crop_transforms(args, config, self_labeling=False, batched=False)
+    return DeviceViews(
+        dataset,
+        data.image_column,
+        device_crops(law, training.seed),
+        training.per_device_train_batch_size,
+        rank,
+        world_size,
+        training.seed,
+        data.dataloader_num_workers,
+        training_device(args.launch.use_gpu),
     )

@@ -74,6 +74,8 @@ def validate_before_launch(args: PretrainArguments) -> None:
     _check_resume(args)
     if args.training.push_to_hub:
         _check_hub_token(args)
+    if args.data.augmentation_backend == "ray_data" and args.launch.launcher != "ray":
+        raise LaunchError("--augmentation_backend ray_data streams from Ray Data tasks: it needs --launcher ray.")
     if args.launch.use_gpu and args.launch.launcher == "local" and not torch.cuda.is_available():
         raise LaunchError("--use_gpu was given but this machine has no CUDA device.")
     if args.launch.launcher == "ray" and is_remote(args.launch.storage_path):
@@ -344,10 +346,13 @@ def build_torch_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from .ray_data import train_datasets
+
     resources = worker_resources(args)
     return TorchTrainer(
         train_loop_per_worker=ray_train_loop,
         train_loop_config=train_loop_config(args, initial_checkpoint),
+        datasets=train_datasets(args),
         scaling_config=ScalingConfig(
             num_workers=_ray_num_workers(args),
             use_gpu=args.launch.use_gpu,
