@@ -1,4 +1,4 @@
-"""Each evaluation protocol's defaults are the authors' for the matching backbone (twist-method.md section 7),
+"""Each evaluation protocol's defaults are the authors' for the matching backbone (docs/method.md §7.1),
 checked on tiny models through the optimizer's lr, the batches the loaders used and the features' width; and
 evaluation survives corrupt images."""
 

@@ -77,7 +77,7 @@ class KnnArguments:
 class LinearArguments:
     """Linear probe: `fast` on cached features (several lrs at once) or `paper` on augmented images.
 
-    `paper` defaults are the authors', by backbone (twist-method.md section 7): global batch 1024; ResNet lr 0.2
+    `paper` defaults are the authors', by backbone (docs/method.md §7.1): global batch 1024; ResNet lr 0.2
     not scaled with the batch; ViT lr 0.02 (ViT-S) / 0.0015 (ViT-B) x global batch / 256 on the CLS tokens of
     the last 4 blocks concatenated; SGD momentum 0.9, wd 0, cosine over 100 epochs; best and last top-1.
     """

@@ -28,7 +28,7 @@ from .metrics import topk_accuracy
 logger = logging.getLogger(__name__)
 
 REFERENCE_BATCH = 256
-# The authors' linear probe (twist-method.md section 7): global batch 1024, 100 epochs; ResNet lr 0.2 as is,
+# The authors' linear probe (docs/method.md §7.1): global batch 1024, 100 epochs; ResNet lr 0.2 as is,
 # ViT lr per 256 images by width (ViT-S is 384 wide), on the CLS tokens of the last 4 blocks.
 LINEAR_GLOBAL_BATCH = 1024
 RESNET_LINEAR_LR = 0.2

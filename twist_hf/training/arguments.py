@@ -104,7 +104,7 @@ class DataArguments:
         default="batched",
         metadata={
             "help": "'batched': decode the split once into memory and augment whole batches (small images); "
-            "'per_image': torchvision v2 per image in DataLoader workers (any size, streaming); "
+            "'per_image': MultiCropTransform (OpenCV) per image in DataLoader workers (any size, streaming); "
             "'gpu': workers decode, the views are made batched on the training device; "
             "'ray_data': decoding and augmentation as Ray Data tasks on any CPU of the cluster (--launcher ray)."
         },

@@ -47,7 +47,7 @@ RAY_TRAIN_ENV = {
 # How long the per-node checks may take before the cluster is called unusable.
 NODE_CHECK_TIMEOUT_S = 120
 # An elastic run that lost a node asks for its old size once more before it shrinks: a shorter worker-group start
-# timeout bounds that retry. It waits only for resources, not for workers to start (docs/elastic.md).
+# timeout bounds that retry. It waits only for resources, not for workers to start (README, "Elastic runs").
 ELASTIC_RAY_TRAIN_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
 
 

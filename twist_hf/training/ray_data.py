@@ -2,7 +2,7 @@
 the cluster (nodes without GPUs included) and stream to the Train workers (`ray.train.get_dataset_shard`).
 
 Same as the other backends: the image at (rank, epoch, step, position) is the one `shuffled_shard_for_epoch` gives
-the per-image and gpu backends (a permutation shared by all ranks, new each epoch, disjoint contiguous shards);
+the per-image and gpu backends (a permutation shared by all ranks, new each epoch, disjoint interleaved shards);
 `steps_per_epoch`, the schedule and the self-labeling phase's harder crops (chosen by the row's step); each
 sample's views are seeded by (seed, step, slot), so a resumed run draws the same views.
 What differs: Ray Data's streaming split hands each worker `steps x batch` rows in the order its tasks finish,
