@@ -116,9 +116,10 @@ RANK_STEPS_SCRIPT = textwrap.dedent("""
 
 
 def test_two_ranks_with_uneven_decodable_batches_take_the_same_steps(tmp_path):
-    """Two torchrun processes, each with 24 of the files (6 batches of 4) and the 8 good images spread unevenly:
-    a batch missing on either rank is skipped on both, so neither waits on a collective the other never joins."""
-    root = mostly_empty_image_folder(tmp_path / "images")
+    """Two torchrun processes, each with 24 of the files (6 batches of 4) and 15 good images split unevenly
+    (an odd number cannot split evenly): a batch missing on either rank is skipped on both, so neither waits on a
+    collective the other never joins."""
+    root = mostly_empty_image_folder(tmp_path / "images", good=15, empty=33)
     script = tmp_path / "train_and_report_steps.py"
     script.write_text(RANK_STEPS_SCRIPT)
     output = tmp_path / "run"

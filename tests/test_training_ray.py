@@ -78,7 +78,8 @@ def test_two_worker_ray_run_leaves_model_results_log_card_and_checkpoints(two_wo
     assert [entry["step"] for entry in log if "knn_top1" in entry] == [8, 16]
     assert log[0]["epoch"] == 0.5  # two workers share each epoch
     assert [path.name for path in ray_checkpoints(output)] == ["checkpoint-000000012", "checkpoint-000000016"]
-    assert read_trainer_state(ray_checkpoints(output)[-1])["metrics"]["knn_top1"] == results["knn_top1"]
+    # The last checkpoint is written before the final evaluation (a failing evaluation cannot lose it).
+    assert read_trainer_state(ray_checkpoints(output)[-1])["global_step"] == 16
     assert AutoModel.from_pretrained(ray_checkpoints(output)[0] / "model").config.num_classes == 16
     assert ray.is_initialized()  # run_ray left the module's instance running
 

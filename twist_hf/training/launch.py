@@ -154,8 +154,11 @@ def _check_output_dir(args: PretrainArguments) -> None:
 
 
 def _check_resume(args: PretrainArguments) -> None:
-    """`latest` needs a readable checkpoint in output_dir; a local checkpoint folder must read back whole."""
+    """`latest` needs a readable checkpoint in output_dir (in the bucket for remote Ray storage, which
+    `stored_resume_checkpoint` searches); a local checkpoint folder must read back whole."""
     spec = args.training.resume_from_checkpoint
+    if spec == "latest" and args.launch.launcher == "ray" and is_remote(args.launch.storage_path):
+        return
     if spec == "latest":
         if find_latest_checkpoint(args.training.output_dir) is None:
             raise LaunchError(
