@@ -28,5 +28,7 @@ def tiny_run_args(**overrides) -> list[str]:
 
 
 def torchrun_command(script: Path, *args: str, processes: int = 2) -> list[str]:
-    """`script` with `args` in `processes` local torchrun processes."""
-    return [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(processes), str(script), *args]
+    """`script` with `args` in `processes` local torchrun processes (`--standalone`: on a free port, so that tests
+    running at the same time do not meet on torchrun's default one)."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    return [torchrun, "--standalone", "--nproc_per_node", str(processes), str(script), *args]
