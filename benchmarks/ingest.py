@@ -144,7 +144,7 @@ def run_cpu(tiny: bool) -> dict:
             args = cpu_arguments(Path(folder), backend, workers, batch, warmup + steps, tiny)
             step, model = recipe_step(args, device)
             if backend == "ray_data":
-                ray.init(num_cpus=2, include_dashboard=False)
+                ray.init(address="local", num_cpus=2, include_dashboard=False)
                 try:
                     results[label] = timed_training(ray_data_views(args), step, batch, warmup, steps, device)
                 finally:

@@ -1,6 +1,9 @@
 """Fixtures shared by the Hub tests (a local Hub-API server and a client pointed at it), and the rule that keeps
 Ray tests apart from each other under pytest-xdist."""
 
+import os
+import tempfile
+
 import pytest
 from hub_server import TEST_TOKEN, start_hub_server
 from huggingface_hub import HfApi, constants
@@ -24,12 +27,27 @@ def api(hub):
     return HfApi(endpoint=hub.endpoint, token=TEST_TOKEN)
 
 
-# Modules whose tests start Ray (a local instance or a multi-raylet cluster). They run one after another in one
-# xdist worker: two Ray clusters at once on a 2-core machine starve each other's health checks.
-RAY_MODULES = {"test_cluster", "test_elastic", "test_ray_data_backend", "test_training_ray", "test_tune"}
+# The long Ray modules, in two groups of about equal time: each group runs one test after another in one xdist
+# worker (they share module-scoped clusters), the two groups side by side.
+RAY_GROUPS = {
+    "test_cluster": "ray-a",
+    "test_training_ray": "ray-a",
+    "test_ray_data_backend": "ray-a",
+    "test_tune": "ray-b",
+    "test_elastic": "ray-b",
+}
+
+
+def pytest_configure(config):
+    """Each xdist worker keeps its Ray instances under a temp dir of its own: a bare `ray.init()` joins the newest
+    Ray instance recorded under RAY_TMPDIR, and that must never be another worker's."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=f"ray-{worker}-")
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if item.module.__name__ in RAY_MODULES or item.get_closest_marker("starts_ray"):
-            item.add_marker(pytest.mark.xdist_group("ray"))
+        group = RAY_GROUPS.get(item.module.__name__, "ray-b" if item.get_closest_marker("starts_ray") else None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))

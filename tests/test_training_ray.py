@@ -36,6 +36,7 @@ def ray_cluster():
     for key, value in RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     ray.init(
+        address="local",
         num_cpus=2,
         runtime_env={"env_vars": {key: os.environ[key] for key in RAY_TRAIN_ENV}},
         configure_logging=True,

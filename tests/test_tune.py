@@ -144,7 +144,7 @@ def local_ray():
 
     for key, value in RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
-    ray.init(num_cpus=2, runtime_env={"env_vars": dict(RAY_TRAIN_ENV)}, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, runtime_env={"env_vars": dict(RAY_TRAIN_ENV)}, include_dashboard=False)
     yield ray
     ray.shutdown()
 
