@@ -368,7 +368,6 @@ def test_training_skips_and_counts_foreign_paths_urls_and_pixel_bombs_fetching_n
 
 
 @pytest.mark.slow
-@pytest.mark.starts_ray
 def test_hub_token_stays_out_of_rays_runtime_env_and_reaches_workers_through_the_object_store(tmp_path, monkeypatch):
     import ray
 

@@ -236,11 +236,11 @@ def test_two_worker_trials_run_ray_train_inside_each_trial(tmp_path, local_ray):
         resources_per_worker='{"CPU": 0.5}',
         num_train_epochs=1,
         metric="cluster_acc",
-        search_space={"lam2": {"grid": [1.0, 2.0]}},
+        search_space={"lam2": {"grid": [2.0]}},
     )
     outcome = run_sweep(setup)
     trials = read_trials(tmp_path / "sweep")
-    assert outcome.unfinished == 0 and list(trials["outcome"]) == ["completed", "completed"]
+    assert outcome.unfinished == 0 and list(trials["outcome"]) == ["completed"]
     # The head's cluster scores come from the run's cluster monitor, gathered over both workers.
     assert trials["cluster_acc"].between(0, 1).all() and (trials["cluster_acc"] > 0).all()
     for trial_dir in map(Path, trials["output_dir"]):
