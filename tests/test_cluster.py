@@ -144,10 +144,22 @@ def test_a_killed_node_costs_at_most_one_checkpoint_interval(cluster, s3, tmp_pa
     assert results["status"] == "completed" and results["global_step"] == 40 and results["num_nodes"] == 1
 
 
+def registered_checkpoint_step(output_dir: Path) -> int | None:
+    """The step of the newest checkpoint Ray Train's controller has registered (its snapshot in the storage).
+
+    A checkpoint folder can be persisted before the controller's next poll registers the report; a node
+    killed in between is restored from the previously registered checkpoint, so the test waits for this."""
+    for snapshot in output_dir.glob("ray/*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+        except (OSError, json.JSONDecodeError):
+            return None
+        return latest["metrics"]["global_step"] if latest else None
+    return None
+
+
 def kill_the_workers_node(cluster, driver: Driver, output: Path, timeout: float = 240) -> tuple[float, int]:
     """Once Ray has registered a checkpoint, SIGKILL the node the workers run on (raylet and workers)."""
-    from test_training_ray import registered_checkpoint_step
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         step = registered_checkpoint_step(output)
