@@ -1,16 +1,19 @@
 """The cluster recipes in recipes/cluster/, checked offline: the launcher YAML through Ray's own config
 preparation and schema validation, the KubeRay RayJob's entrypoint through our own argument parser, and both
-against the resources the training recipe they run asks for."""
+against the resources the training recipe they run asks for; and the probe that checks each node before a run."""
 
 import math
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
+import cloudpickle
 import ray
 import yaml
 
 from twist_hf.training.arguments import parse_pretrain_args
-from twist_hf.training.launch import worker_resources
+from twist_hf.training.launch import WORKER_MODULES, missing_modules_probe, worker_resources
 from twist_hf.training.storage import is_remote
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,3 +63,18 @@ def test_rayjob_runs_pretrain_with_the_paper_recipe_on_s3_and_fits_its_worker_po
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
     pod = {"CPU": float(limits["cpu"]), "GPU": float(limits["nvidia.com/gpu"])}
     assert workers_per_node(worker_resources(args), pod) * group["minReplicas"] >= args.launch.num_workers
+
+
+PROBE_ON_A_NODE = """
+import pickle, sys
+probe = pickle.loads(sys.stdin.buffer.read())
+print(probe(tuple(sys.argv[1:])), "twist_hf" in sys.modules)
+"""
+
+
+def test_the_node_probe_names_what_a_node_lacks_and_imports_none_of_it():
+    """Shipped as Ray ships it (cloudpickle) into a fresh Python: it finds modules without importing them."""
+    shipped = cloudpickle.dumps(missing_modules_probe())
+    command = [sys.executable, "-c", PROBE_ON_A_NODE, *WORKER_MODULES, "no_such_module_on_this_node"]
+    done = subprocess.run(command, input=shipped, capture_output=True, timeout=60, check=True)
+    assert done.stdout.decode().split() == ["['no_such_module_on_this_node']", "False"]

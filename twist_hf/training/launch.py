@@ -4,12 +4,14 @@ driver, before any worker starts."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -216,6 +218,7 @@ class RayReporter:
 def ray_train_loop(loop_config: dict) -> None:
     """What each Ray Train worker runs."""
     from .loop import train_worker
+    from .preemption import TrainingPreempted, sigterm_caught_through_ray_actor
 
     args = arguments_from_dict(loop_config["args"])
     if loop_config.get("hub_token") is not None:
@@ -224,27 +227,32 @@ def ray_train_loop(loop_config: dict) -> None:
         args.training.hub_token = ray.get(loop_config["hub_token"])
     set_worker_threads(args)
     placement = worker_placement()
-    with using_image_limits(args.data.image_limits()):
-        train_worker(args, RayReporter(len(set(placement)), loop_config.get("initial_checkpoint")))
+    with using_image_limits(args.data.image_limits()), sigterm_caught_through_ray_actor():
+        results = train_worker(args, RayReporter(len(set(placement)), loop_config.get("initial_checkpoint")))
+    if results.get("status") == "preempted":
+        # A worker failure to Ray Train: it restarts the workers from the checkpoint of the step just reported.
+        raise TrainingPreempted(results["global_step"])
 
 
 def worker_placement() -> list[str]:
-    """Every rank's Ray node ("<ip> <node id>"), in rank order; rank 0 logs them (Ray Train forwards worker
-    logs to the driver's output)."""
+    """Every rank's Ray node ("<ip> <node id>"), in rank order; rank 0 logs them with each rank's process id (Ray
+    Train forwards worker logs to the driver's output)."""
     import ray
     import ray.train
     import torch.distributed as dist
 
     context = ray.get_runtime_context()
-    here = f"{ray.util.get_node_ip_address()} {context.get_node_id()[:12]}"
+    here = (f"{ray.util.get_node_ip_address()} {context.get_node_id()[:12]}", os.getpid())
     if not (dist.is_available() and dist.is_initialized()):
         placement = [here]
     else:
         placement = [None] * dist.get_world_size()
         dist.all_gather_object(placement, here)
     if ray.train.get_context().get_world_rank() == 0:
-        logger.info("; ".join(f"rank {rank} runs on node {node}" for rank, node in enumerate(placement)))
-    return placement
+        logger.info(
+            "; ".join(f"rank {rank} runs on node {node} (pid {pid})" for rank, (node, pid) in enumerate(placement))
+        )
+    return [node for node, _ in placement]
 
 
 def set_worker_threads(args: PretrainArguments) -> None:
@@ -274,17 +282,21 @@ def _check_cluster(args: PretrainArguments) -> None:
     check_nodes_import_package(args)
 
 
-def _package_location() -> str:
-    """Where this node imports twist_hf from (run on each node by `check_nodes_import_package`)."""
-    import twist_hf
+# What a worker imports first: a node where one of these cannot be found cannot host a worker.
+WORKER_MODULES = ("twist_hf", "torch", "transformers", "accelerate", "datasets")
 
-    return str(Path(twist_hf.__file__).parent)
+
+def missing_modules_probe() -> Callable[[tuple[str, ...]], list[str]]:
+    """The function run on each node: the modules among its argument that the node's Python cannot find. A lambda,
+    so that Ray ships it by value: running it imports nothing (a module-level function would make the node import
+    twist_hf, torch and transformers first, seconds per node)."""
+    return lambda names: [name for name in names if importlib.util.find_spec(name) is None]
 
 
 def check_nodes_import_package(args: PretrainArguments) -> None:
-    """A tiny task on every other alive node that could host a worker imports twist_hf: a node without the
-    package (or with another Python) fails here, before the run, instead of as a worker crash loop. The driver's
-    own node has just imported it."""
+    """A tiny task on every other alive node that could host a worker looks up twist_hf and what its workers import:
+    a node without the package (or with another Python) fails here, before the run, instead of as a worker crash
+    loop. The driver's own node has just imported it."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -296,22 +308,23 @@ def check_nodes_import_package(args: PretrainArguments) -> None:
         and node["NodeID"] != driver_node
         and all(node["Resources"].get(name, 0) >= amount for name, amount in needed.items())
     ]
-    probe = ray.remote(num_cpus=0, max_retries=0)(_package_location)
+    probe = ray.remote(num_cpus=0, max_retries=0)(missing_modules_probe())
     pending = {
         node["NodeManagerAddress"] + " " + node["NodeID"][:12]: probe.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-        ).remote()
+        ).remote(WORKER_MODULES)
         for node in nodes
     }
     for node, ref in pending.items():
         try:
-            ray.get(ref, timeout=NODE_CHECK_TIMEOUT_S)
+            missing = ray.get(ref, timeout=NODE_CHECK_TIMEOUT_S)
         except Exception as error:  # any failure means the workers could not run there either
+            missing = [f"twist_hf ({type(error).__name__}: {str(error)[:300]})"]
+        if missing:
             raise LaunchError(
-                f"Node {node} cannot import twist_hf ({type(error).__name__}: {str(error)[:300]}). Install the "
-                "package on every node (same Python version), e.g. in the cluster's setup_commands; see "
-                'README.md, "Run on a cluster".'
-            ) from error
+                f"Node {node} cannot import {', '.join(missing)}. Install the package on every node (same Python "
+                'version), e.g. in the cluster\'s setup_commands; see README.md, "Run on a cluster".'
+            )
 
 
 def start_ray(args: PretrainArguments) -> bool:

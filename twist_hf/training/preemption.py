@@ -4,11 +4,19 @@ all of them save and stop together, so preemption loses at most the step that wa
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from accelerate import Accelerator
+
+# Module state, because Python runs signal handlers in the main thread only and the loop may run in another one
+# (Ray Train's training thread): the flag the handler sets, and the handlers it replaced (innermost last).
+_received = threading.Event()
+_replaced_handlers: list[Any] = []
 
 
 class TrainingPreempted(RuntimeError):
@@ -23,29 +31,61 @@ class TrainingPreempted(RuntimeError):
 
 
 class TerminationNotice:
-    """Catches SIGTERM while it is open (a handler can only be installed from the main thread: elsewhere, e.g. in
-    Ray Train's training thread, it catches nothing and the process's own handling stays)."""
+    """Catches SIGTERM while it is open: from the main thread it installs the handler itself; in another thread it
+    relies on its launcher to have routed SIGTERM to it (`sigterm_caught_through_ray_actor` for a Ray Train worker).
+    Otherwise (e.g. a Ray Tune trial, whose actor's main thread is busy) it catches nothing and the process's own
+    handling stays."""
 
     def __init__(self):
-        self.received = False
-        self.installed = threading.current_thread() is threading.main_thread()
-        self._previous = signal.signal(signal.SIGTERM, self._on_signal) if self.installed else None
-
-    def _on_signal(self, signum, frame) -> None:
-        self.received = True
+        self._took = threading.current_thread() is threading.main_thread() and _take_sigterm()
+        self.installed = bool(_replaced_handlers)
 
     def on_any_rank(self, accelerator: Accelerator) -> bool:
         """Whether any rank got SIGTERM; the same answer on every rank (all of them must call it). Without a handler
-        (every rank runs in a worker thread alike, as under Ray Train) there is nothing to ask."""
+        (every rank alike, as their launchers are alike) there is nothing to ask."""
         if not self.installed:
             return False
         if accelerator.num_processes == 1:
-            return self.received
-        flag = torch.tensor([float(self.received)], device=accelerator.device)
+            return _received.is_set()
+        flag = torch.tensor([float(_received.is_set())], device=accelerator.device)
         return bool(accelerator.reduce(flag, "sum").item() > 0)
 
     def close(self) -> None:
-        """Give SIGTERM back to the handler it had before."""
-        if self.installed:
-            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
-            self.installed = False
+        """Give SIGTERM back to the handler it had before (if this notice installed it)."""
+        if self._took:
+            _give_sigterm_back()
+        self._took = self.installed = False
+
+
+@contextlib.contextmanager
+def sigterm_caught_through_ray_actor() -> Iterator[None]:
+    """In a Ray Train worker (the loop in the actor's training thread, the actor's main thread free), install the
+    handler in the main thread as an actor task (`__ray_call__`, Ray's way to run a function on an actor), so that
+    the loop's `TerminationNotice` sees SIGTERM; give the old handler back afterwards."""
+    import ray
+
+    actor = ray.get_runtime_context().current_actor
+    took = ray.get(actor.__ray_call__.remote(_take_sigterm))
+    try:
+        yield
+    finally:
+        if took:
+            ray.get(actor.__ray_call__.remote(_give_sigterm_back))
+
+
+def _on_sigterm(signum, frame) -> None:
+    _received.set()
+
+
+def _take_sigterm(_actor: Any = None) -> bool:
+    """Install the flag-setting handler (only possible in the main thread), keeping the one it replaces."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    _received.clear()
+    _replaced_handlers.append(signal.signal(signal.SIGTERM, _on_sigterm))
+    return True
+
+
+def _give_sigterm_back(_actor: Any = None) -> None:
+    previous = _replaced_handlers.pop()
+    signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
