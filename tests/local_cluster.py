@@ -19,8 +19,8 @@ from pathlib import Path
 from tiny_run import PRETRAIN_SCRIPT, ROOT
 
 BUCKET = "twist-checkpoints"
-# Rank 0's line "rank 0 runs on node <ip> <node id>; rank 1 runs on node ..." (see launch.worker_placement).
-PLACEMENT = re.compile(r"rank (\d+) runs on node \S+ (\w+)")
+# Rank 0's line "rank 0 runs on node <ip> <node id> (pid <pid>); rank 1 runs on node ..." (launch.worker_placement).
+PLACEMENT = re.compile(r"rank (\d+) runs on node \S+ (\w+) \(pid (\d+)\)")
 # The cluster marks a killed node dead after ~1.5 s (3 missed 0.5 s health checks) instead of ~15 s.
 FAST_NODE_DEATH = {
     "health_check_initial_delay_ms": 0,
@@ -109,11 +109,17 @@ class LocalCluster:
     def address(self) -> str:
         return self.cluster.address
 
+    @property
+    def env(self) -> dict:
+        """The environment a driver process needs to join this cluster alone."""
+        return {**os.environ, "RAY_TMPDIR": self.temp_dir, "RAY_ADDRESS": self.address}
+
     def add_node(self):
         return self.cluster.add_node(num_cpus=self.cpus_per_node)
 
-    def kill_node(self, node_id_prefix: str) -> None:
-        """SIGKILL a worker node's raylet and every process of it (its Ray workers die with it)."""
+    def kill_node(self, node_id_prefix: str = "") -> None:
+        """SIGKILL a worker node's raylet and every process of it (its Ray workers die with it), as when a machine
+        disappears; without a node id prefix, any worker node."""
         node = next(node for node in self.cluster.worker_nodes if node.node_id.startswith(node_id_prefix))
         self.cluster.remove_node(node, allow_graceful=False)
 
@@ -165,7 +171,14 @@ class Driver:
     def placements(self) -> list[tuple[float, dict[int, str]]]:
         """(time, {rank: node id}) for each start of the worker group, from rank 0's placement log line."""
         return [
-            (arrived, {int(rank): node for rank, node in PLACEMENT.findall(line)})
-            for arrived, line in self.lines
-            if "rank 0 runs on node" in line
+            (arrived, {int(rank): node for rank, node, _ in PLACEMENT.findall(line)})
+            for arrived, line in self.placement_lines()
         ]
+
+    def worker_pids(self) -> dict[int, int]:
+        """{rank: process id} of the newest start of the worker group."""
+        _, line = self.placement_lines()[-1]
+        return {int(rank): int(pid) for rank, _, pid in PLACEMENT.findall(line)}
+
+    def placement_lines(self) -> list[tuple[float, str]]:
+        return [(arrived, line) for arrived, line in self.lines if "rank 0 runs on node" in line]

@@ -1,8 +1,11 @@
 """`recipes/pretrain.py --ray_address` against a real multi-node Ray cluster on this machine (a CPU-less head and
 two 2-CPU nodes) with checkpoints in a real S3 API server (moto, over HTTP): placement over nodes, the bucket
-as the only storage, a resume from the bucket by a new driver, and a whole node killed mid-run."""
+as the only storage, a resume from the bucket by a new driver, sweeps over the nodes, and an elastic run that
+loses a whole node and then gets a spot machine's SIGTERM."""
 
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -99,10 +102,12 @@ def test_spread_run_keeps_checkpoints_in_s3_and_a_new_driver_resumes_from_the_bu
 
 
 def test_sweep_spreads_each_trials_workers_over_nodes_and_resumes_from_the_bucket(cluster, s3, tmp_path):
+    """Each trial runs Ray Train inside it, its 2 workers on both nodes; the trial's score is the head's cluster ACC
+    that the run's cluster monitor gathered over both workers."""
     sweep = [
         *tiny_run_args(num_workers=2, bunch_size=64, max_train_samples=256, num_train_epochs=1),
         *("--search_space", '{"tau": {"grid": [0.3]}}', "--scheduler", "fifo", "--num_samples", "1"),
-        *("--max_concurrent_trials", "1"),
+        *("--max_concurrent_trials", "1", "--metric", "cluster_acc"),
         *("--placement_strategy", "SPREAD", "--storage_path", f"s3://{BUCKET}/sweeps", "--sweep_name", "tiny"),
         *("--output_dir", str(tmp_path / "sweep"), "--ray_address", cluster.address, "--ray_dashboard", "false"),
     ]
@@ -111,37 +116,21 @@ def test_sweep_spreads_each_trials_workers_over_nodes_and_resumes_from_the_bucke
     (_, ranks), *_ = first.placements()
     assert len(set(ranks.values())) == 2
     assert "sweeps/tiny/tuner.pkl" in s3.keys("sweeps/tiny/")
-    assert stored_checkpoints(s3, "sweeps/tiny-train-runs/")  # the trial's Ray Train run checkpoints in the bucket
+    trials = pd.read_csv(tmp_path / "sweep" / "trials.csv")
+    # Each trial's Ray Train run (named after the trial) checkpoints in the bucket.
+    train_runs = {key.split("/")[2] for key in s3.keys("sweeps/tiny-train-runs/") if "/checkpoint-" in key}
+    assert train_runs == set(trials["trial_id"])
+    assert trials["cluster_acc"].between(0, 1).all() and (trials["cluster_acc"] > 0).all()
+    (trial_dir,) = map(Path, trials["output_dir"])
+    results = json.loads((trial_dir / "all_results.json").read_text())
+    assert {"cluster_nmi", "cluster_ami", "cluster_ari"} <= set(results)
+    assert json.loads((trial_dir / "training_args.json").read_text())["launch"]["num_workers"] == 2
+    assert "workers" in (trial_dir / "README.md").read_text()
 
     resumed = Driver([*sweep, "--resume"], script=SWEEP_SCRIPT)
     assert resumed.wait(300) == 0, resumed.output[-4000:]
     assert "Restoring the sweep at s3://" in resumed.output
     assert list(pd.read_csv(tmp_path / "sweep" / "trials.csv")["outcome"]) == ["completed"]
-
-
-def test_a_killed_node_costs_at_most_one_checkpoint_interval(cluster, s3, tmp_path):
-    """PACK puts both workers on one node; SIGKILLing that node's raylet and workers moves the run to the other."""
-    output = tmp_path / "run"
-    driver = Driver(
-        [*TINY, "--ray_address", cluster.address, "--ray_dashboard", "false", "--output_dir", str(output)]
-        + ["--max_steps", "40", "--max_failures", "1", "--save_total_limit", "3"]
-    )
-    killed_at, checkpoint_step = kill_the_workers_node(cluster, driver, output)
-    assert driver.wait(300) == 0, driver.output[-4000:]
-    placements = driver.placements()
-    (_, before), (restarted_at, after) = placements[0], next(found for found in placements if found[0] > killed_at)
-    assert set(before.values()).isdisjoint(after.values()), placements
-    print(f"node killed -> workers running again: {restarted_at - killed_at:.1f} s; placements: {placements}")
-
-    log = log_entries(output)
-    restarts = [index for index, entry in enumerate(log) if "resumed_from_step" in entry]
-    assert len(restarts) == 1, log
-    resumed_from = log[restarts[0]]["resumed_from_step"]
-    lost = [entry["step"] for entry in log[: restarts[0]]][-1] - resumed_from
-    assert resumed_from >= checkpoint_step and lost <= 4, (resumed_from, checkpoint_step, lost)
-    assert [entry["step"] for entry in log[restarts[0] :]] == [*range(resumed_from + 4, 41, 4), 40]
-    results = json.loads((output / "all_results.json").read_text())
-    assert results["status"] == "completed" and results["global_step"] == 40 and results["num_nodes"] == 1
 
 
 def registered_checkpoint_step(output_dir: Path) -> int | None:
@@ -158,18 +147,75 @@ def registered_checkpoint_step(output_dir: Path) -> int | None:
     return None
 
 
-def kill_the_workers_node(cluster, driver: Driver, output: Path, timeout: float = 240) -> tuple[float, int]:
-    """Once Ray has registered a checkpoint, SIGKILL the node the workers run on (raylet and workers)."""
+def kill_a_workers_node(cluster, driver: Driver, output: Path) -> tuple[float, int]:
+    """Once Ray has registered a checkpoint, SIGKILL a node that hosts workers (raylet and workers)."""
+    wait_until(lambda: registered_checkpoint_step(output) is not None and driver.placements(), driver, "a checkpoint")
+    step = registered_checkpoint_step(output)
+    cluster.kill_node(next(iter(driver.placements()[0][1].values())))
+    return time.monotonic(), step
+
+
+# Elastic: 4 workers (2 per node) at first; 12, 8 or 6 images per worker and bunches of 24 over 2, 3 or 4 ranks.
+ELASTIC = tiny_run_args(
+    num_workers="2-4",
+    global_train_batch_size=24,
+    bunch_size=24,
+    max_steps=60,
+    save_strategy="steps",
+    save_steps=4,
+    logging_steps=2,
+    eval_split="",
+)
+
+
+def test_a_lost_node_costs_one_checkpoint_interval_and_a_sigterm_not_a_step_in_an_elastic_run(cluster, tmp_path):
+    """An elastic run starts on 4 workers over both nodes. A node is SIGKILLed (raylet and workers) once Ray has
+    registered a checkpoint: the run continues on the 2 workers of the other node, with the same global batch, from
+    that checkpoint or a later one. Then rank 1 gets SIGTERM (a spot machine's notice): every rank stops after
+    the same step, checkpoints it, and Ray Train restarts from exactly that step."""
+    output = tmp_path / "run"
+    driver = Driver(
+        [*ELASTIC, "--ray_address", cluster.address, "--ray_dashboard", "false", "--output_dir", str(output)]
+    )
+    try:
+        killed_at, checkpoint_step = kill_a_workers_node(cluster, driver, output)
+        wait_until(lambda: len(driver.placements()) == 2 and trained_after(output, 2), driver, "the restart")
+        print(f"node killed -> workers running again: {driver.placements()[1][0] - killed_at:.1f} s")
+        os.kill(driver.worker_pids()[1], signal.SIGTERM)
+        assert driver.wait(300) == 0, driver.output[-4000:]
+    finally:
+        cluster.add_node()  # the other tests of the module get their two nodes back
+
+    (_, first), (_, second), (_, third) = driver.placements()
+    assert len(set(first.values())) == 2 and len(set(second.values())) == 1 and second == third
+    log = log_entries(output)
+    starts = [entry for entry in log if "num_workers" in entry]
+    assert [entry["num_workers"] for entry in starts] == [4, 2, 2]
+    assert [entry["global_batch_size"] for entry in starts] == [24, 24, 24]
+    after_kill, after_sigterm = starts[1]["resumed_from_step"], starts[2]["resumed_from_step"]
+    last_before_kill = [entry["step"] for entry in log[: log.index(starts[1])]][-1]
+    assert after_kill >= checkpoint_step and last_before_kill - after_kill <= 4, (after_kill, checkpoint_step)
+    assert f"Stopped by SIGTERM after step {after_sigterm}" in driver.output
+    assert max(entry["step"] for entry in log[: log.index(starts[2])]) <= after_sigterm  # nothing trained is lost
+    steps = [entry["step"] for entry in log[log.index(starts[1]) :] if "loss" in entry]
+    assert steps == sorted(set(steps)) and steps[-1] == 60  # the step counter continues
+    results = json.loads((output / "all_results.json").read_text())
+    assert results["status"] == "completed" and results["global_step"] == 60 and results["num_nodes"] == 1
+
+
+def trained_after(output: Path, starts: int) -> bool:
+    """Whether the run has logged a training step since its `starts`-th start."""
+    log = log_entries(output) if (output / "log.jsonl").is_file() else []
+    begun = [index for index, entry in enumerate(log) if "num_workers" in entry]
+    return len(begun) >= starts and any("loss" in entry for entry in log[begun[starts - 1] :])
+
+
+def wait_until(condition, driver: Driver, what: str, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        step = registered_checkpoint_step(output)
-        placements = driver.placements()
-        if step is not None and placements:
-            (node_id,) = set(placements[0][1].values())
-            cluster.kill_node(node_id)
-            return time.monotonic(), step
+    while not condition():
+        assert driver.process.poll() is None, f"the run ended before {what}:\n{driver.output[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s:\n{driver.output[-3000:]}"
         time.sleep(0.05)
-    raise AssertionError(f"no checkpoint was registered in {timeout} s:\n{driver.output[-3000:]}")
 
 
 @pytest.mark.parametrize(

@@ -64,7 +64,7 @@ def wait_for_checkpoint(output: Path, step: int, timeout: float = 300) -> None:
 
 
 def run_with_faults(hub, tmp_path, stages: list) -> tuple[subprocess.CompletedProcess, Path]:
-    """Train 600 steps (a save every 20); `stages[0]` breaks the Hub at the start, `stages[i]` runs once step
+    """Train 300 steps (a save every 20); `stages[0]` breaks the Hub at the start, `stages[i]` runs once step
     100 * i is saved. The last stage mends it, so only a later push (the saves after it, or the final one) can
     land; many saves follow the mend, so the test does not hinge on how fast the run is."""
     output = tmp_path / "run"
@@ -84,7 +84,7 @@ def run_with_faults(hub, tmp_path, stages: list) -> tuple[subprocess.CompletedPr
         "every_save",
         "--hub_push_timeout",
         "20",
-        steps=600,
+        steps=300,
         save_steps=20,
     )
     follower.join(timeout=5)
