@@ -10,7 +10,7 @@
    batched on the GPU; JPEGs decoded by nvJPEG, or drafted on the CPU): img/s, data-wait fraction, MFU.
 3. The library's pretraining run of the Fashion-MNIST recipe (recipes/configs/fmnist.yaml) with a
    ResNet-18-sized backbone on one GPU, and its weighted kNN top-1 on the test set against the same network at
-   random init (needs `datasets`, as every pretraining run does).
+   random init (Fashion-MNIST is read from its files: no `datasets` either).
 
     python benchmarks/gpu.py                      # on a GPU machine, writes benchmarks/results/<gpu>-<date>.json
     python benchmarks/gpu.py --device cpu --tiny  # smoke test on the CPU
@@ -277,10 +277,8 @@ def fashion_mnist_arguments(args: argparse.Namespace, root: Path, output_dir: Pa
 
 def fashion_mnist_run(args: argparse.Namespace, device: torch.device) -> dict:
     """The library's Fashion-MNIST pretraining run on this device, then kNN top-1 against random init."""
-    try:
-        from twist_hf.training.loop import LocalReporter, train_worker
-    except ImportError as error:
-        return {"error": f"The pretraining run needs `datasets` ({error}); pip install datasets to run it."}
+    from twist_hf.training.loop import LocalReporter, train_worker
+
     root = fashion_mnist_dir(args)
     with tempfile.TemporaryDirectory(prefix="gpu-bench-fmnist-") as folder:
         run_args = fashion_mnist_arguments(args, root, Path(folder), device)

@@ -184,9 +184,9 @@ def test_cluster_monitor_scores_the_heads_argmax_on_the_eval_split():
         ClusterMonitor(queries, num_classes=3)
 
 
-def test_gpu_benchmark_step_runs_without_ray_or_datasets():
-    """benchmarks/gpu.py and the library step it times (here on the smoke workload), in a process where `ray` and
-    `datasets` cannot be imported; its Fashion-MNIST run then says what it needs instead of failing."""
+def test_gpu_benchmark_step_and_pretraining_run_without_ray_or_datasets():
+    """benchmarks/gpu.py, the library step it times (here on the smoke workload) and its Fashion-MNIST pretraining
+    run, in a process where `ray` and `datasets` cannot be imported (the GPU machine has neither)."""
     script = (
         "import sys; sys.modules.update(ray=None, datasets=None); sys.path.insert(0, 'benchmarks')\n"
         "import gpu, train_step, torch\n"
@@ -194,7 +194,7 @@ def test_gpu_benchmark_step_runs_without_ray_or_datasets():
         "variant = train_step.Variant('bf16', channels_last=True, bf16=True)\n"
         "train_step.make_step(workload, variant, torch.device('cpu'))()\n"
         "args = gpu.parse_args(['--device', 'cpu', '--tiny'])\n"
-        "assert gpu.fashion_mnist_run(args, torch.device('cpu'))['error'].startswith('The pretraining run needs')\n"
+        "assert 0 < gpu.fashion_mnist_run(args, torch.device('cpu'))['knn_top1'] <= 1\n"
     )
     finished = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False

@@ -1,70 +1,68 @@
-"""TWIST evaluation protocols: kNN, linear probe, semi-supervised fine-tuning, unsupervised classification."""
+"""TWIST evaluation protocols: kNN, linear probe, semi-supervised fine-tuning, unsupervised classification.
 
-from .arguments import (
-    ClusterArguments,
-    EvalArguments,
-    KnnArguments,
-    LinearArguments,
-    SemiArguments,
-    parse_evaluation_arguments,
-)
-from .clustering import cluster_metrics, hungarian_match, matched_class_probabilities, matched_predictions
-from .data import (
-    LabelledSplits,
-    class_balanced_subset,
-    labelled_splits_from,
-    load_labelled_splits,
-    subset_from_file,
-    training_augmentation,
-)
-from .features import FeatureModel, FeatureSet, extract_features, gather_in_order, image_features, load_feature_model
-from .finetune import linear_probe_on_images, load_classifier, semi_supervised_finetune
-from .knn import knn_class_votes, knn_evaluate
-from .linear import StackedLinearProbes, linear_probe_on_features, train_linear_probes
-from .metrics import topk_accuracy
-from .plots import plot_confusion_matrix, plot_top3_predictions, plot_training_curves, read_training_log
-from .reporting import save_eval_results, update_model_card
-from .runner import cluster_figures, run_evaluation, semi_recipe
+Every name below is loaded from its module on first use: the training loop's kNN monitor imports `knn` and
+`features` without the dependencies of every other protocol (scikit-learn, SciPy, matplotlib), a second less to
+start each Ray Train worker."""
 
-__all__ = [
-    "ClusterArguments",
-    "EvalArguments",
-    "FeatureModel",
-    "FeatureSet",
-    "KnnArguments",
-    "LabelledSplits",
-    "LinearArguments",
-    "SemiArguments",
-    "StackedLinearProbes",
-    "class_balanced_subset",
-    "cluster_figures",
-    "cluster_metrics",
-    "extract_features",
-    "gather_in_order",
-    "hungarian_match",
-    "image_features",
-    "knn_class_votes",
-    "knn_evaluate",
-    "labelled_splits_from",
-    "linear_probe_on_features",
-    "linear_probe_on_images",
-    "load_classifier",
-    "load_feature_model",
-    "load_labelled_splits",
-    "matched_class_probabilities",
-    "matched_predictions",
-    "parse_evaluation_arguments",
-    "plot_confusion_matrix",
-    "plot_top3_predictions",
-    "plot_training_curves",
-    "read_training_log",
-    "run_evaluation",
-    "save_eval_results",
-    "semi_recipe",
-    "semi_supervised_finetune",
-    "subset_from_file",
-    "topk_accuracy",
-    "train_linear_probes",
-    "training_augmentation",
-    "update_model_card",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public name -> the module of this package that defines it.
+_EXPORTS = {
+    "ClusterArguments": "arguments",
+    "EvalArguments": "arguments",
+    "FeatureModel": "features",
+    "FeatureSet": "features",
+    "KnnArguments": "arguments",
+    "LabelledSplits": "data",
+    "LinearArguments": "arguments",
+    "SemiArguments": "arguments",
+    "StackedLinearProbes": "linear",
+    "class_balanced_subset": "data",
+    "cluster_figures": "runner",
+    "cluster_metrics": "clustering",
+    "extract_features": "features",
+    "gather_in_order": "features",
+    "hungarian_match": "clustering",
+    "image_features": "features",
+    "knn_class_votes": "knn",
+    "knn_evaluate": "knn",
+    "labelled_splits_from": "data",
+    "linear_probe_on_features": "linear",
+    "linear_probe_on_images": "finetune",
+    "load_classifier": "finetune",
+    "load_feature_model": "features",
+    "load_labelled_splits": "data",
+    "matched_class_probabilities": "clustering",
+    "matched_predictions": "clustering",
+    "parse_evaluation_arguments": "arguments",
+    "plot_confusion_matrix": "plots",
+    "plot_top3_predictions": "plots",
+    "plot_training_curves": "plots",
+    "read_training_log": "plots",
+    "run_evaluation": "runner",
+    "save_eval_results": "reporting",
+    "semi_recipe": "runner",
+    "semi_supervised_finetune": "finetune",
+    "subset_from_file": "data",
+    "topk_accuracy": "metrics",
+    "train_linear_probes": "linear",
+    "training_augmentation": "data",
+    "update_model_card": "reporting",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -11,7 +11,6 @@ import torch
 from accelerate import Accelerator
 
 from ..configuration_twist import TwistConfig
-from ..evaluation.clustering import cluster_metrics
 from ..evaluation.features import image_features
 from ..evaluation.knn import knn_evaluate
 from ..modeling_twist import TwistModel
@@ -65,6 +64,8 @@ class ClusterMonitor:
             )
 
     def evaluate(self, model: TwistModel, accelerator: Accelerator) -> dict[str, float]:
+        from ..evaluation.clustering import cluster_metrics  # scikit-learn and SciPy only where the head is scored
+
         outputs = image_features(
             model, self.queries.images, self.queries.labels, with_logits=True, accelerator=accelerator
         )
