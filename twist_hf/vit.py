@@ -4,29 +4,25 @@ crops of another size, and their initialisation of the CLS token and patch embed
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from transformers import initialization as init
 
-
-class AuthorsVisionTransformer(VisionTransformer):
-    """timm's `VisionTransformer` whose position embedding follows other input sizes as the authors' does."""
-
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:  # tokens already flattened: the model was built without dynamic image sizes
-            return super()._pos_embed(x)
-        batch, height, width, dim = x.shape
-        tokens = torch.cat([self.cls_token.expand(batch, -1, -1), x.reshape(batch, -1, dim)], dim=1)
-        return self.pos_drop(tokens + interpolate_position_embedding(self.pos_embed, height, width))
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 
 def authors_vit(backbone: nn.Module) -> VisionTransformer | None:
     """The timm ViT inside a `timm_wrapper` backbone if it has the authors' layout (one CLS token, no
     register tokens, a position embedding that includes the CLS position), else None."""
     vit = getattr(backbone, "timm_model", None)
+    if vit is None:
+        return None
+    from .timm_vit import AuthorsVisionTransformer, VisionTransformer  # timm only for timm backbones
+
     if type(vit) not in (VisionTransformer, AuthorsVisionTransformer) or vit.pos_embed is None:
         return None
     if vit.cls_token is None or vit.reg_token is not None or vit.no_embed_class or vit.num_prefix_tokens != 1:
@@ -59,6 +55,8 @@ def use_authors_position_interpolation(backbone: nn.Module) -> None:
     """Make a timm ViT backbone interpolate its position embedding as the authors do (no-op otherwise)."""
     vit = authors_vit(backbone)
     if vit is not None:
+        from .timm_vit import AuthorsVisionTransformer
+
         vit.__class__ = AuthorsVisionTransformer
 
 
