@@ -109,17 +109,11 @@ class LocalCluster:
     def address(self) -> str:
         return self.cluster.address
 
-    @property
-    def env(self) -> dict:
-        """The environment a driver process needs to join this cluster alone."""
-        return {**os.environ, "RAY_TMPDIR": self.temp_dir, "RAY_ADDRESS": self.address}
-
     def add_node(self):
         return self.cluster.add_node(num_cpus=self.cpus_per_node)
 
-    def kill_node(self, node_id_prefix: str = "") -> None:
-        """SIGKILL a worker node's raylet and every process of it (its Ray workers die with it), as when a machine
-        disappears; without a node id prefix, any worker node."""
+    def kill_node(self, node_id_prefix: str) -> None:
+        """SIGKILL a worker node's raylet and every process of it (its Ray workers die with it)."""
         node = next(node for node in self.cluster.worker_nodes if node.node_id.startswith(node_id_prefix))
         self.cluster.remove_node(node, allow_graceful=False)
 
