@@ -144,10 +144,11 @@ def resnet50_throughput(args: argparse.Namespace, device: torch.device) -> dict:
     }
 
 
-def resnet50_step(args: argparse.Namespace, device: torch.device, preset: str = "resnet50"):
-    """The ResNet-50 multi-crop recipe's library step on a fresh model (another `preset` for smoke tests):
-    (step, model, batch, global size, local size)."""
+def resnet50_step(args: argparse.Namespace, device: torch.device):
+    """The ResNet-50 multi-crop recipe's library step on a fresh model (a tiny ResNet at tiny sizes for smoke
+    tests): (step, model, batch, global size, local size)."""
     batch, global_size, local_size = (4, 64, 32) if args.tiny else (args.batch_size, 224, 96)
+    preset = "tiny-resnet" if args.tiny else "resnet50"
     use_compile = device.type == "cuda" and not args.no_compile
     workload = Workload("resnet50-multicrop", preset, batch, global_size, MULTICROP_RECIPE, local_size, 6)
     variant = Variant("recipe", channels_last=True, bf16=True, compile=use_compile)
@@ -163,9 +164,7 @@ def jpeg_backends(args: argparse.Namespace, device: torch.device, flops_per_step
     from twist_hf.gpu_augment import DeviceMultiCrop
     from twist_hf.transforms import MultiCropTransform
 
-    step, model, batch, global_size, local_size = resnet50_step(
-        args, device, "tiny-resnet" if args.tiny else "resnet50"
-    )
+    step, model, batch, global_size, local_size = resnet50_step(args, device)
     warmup, steps = (1, 2) if args.tiny else (5, args.jpeg_steps)
     workers = args.loader_workers if args.loader_workers is not None else max(1, (os.cpu_count() or 2) - 1)
     law = {

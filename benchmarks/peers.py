@@ -43,6 +43,7 @@ from twist_hf.evaluation.linear import linear_probe_on_features
 from twist_hf.training.arguments import PretrainArguments, parse_pretrain_args
 from twist_hf.training.data import build_train_views
 from twist_hf.training.optim import TrainingSchedule, apply_schedule, build_optimizer, cosine
+from twist_hf.training.step import mixed_precision
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parent / "recipes" / "configs" / "fmnist.yaml"
@@ -207,6 +208,7 @@ def train_for_budget(
         model = model.to(memory_format=torch.channels_last)
     schedule = budget_schedule(args, learning_rate)
     memory_format = torch.channels_last if training.channels_last else torch.contiguous_format
+    precision = mixed_precision(training.bf16, training.fp16, on_gpu=False)
     losses, step, started = [], 0, time.perf_counter()
     for batch in endless_views(views):
         progress = max((time.perf_counter() - started) / budget_s, step / max_steps if max_steps else 0.0)
@@ -214,7 +216,7 @@ def train_for_budget(
             break
         apply_schedule(optimizer, schedule.lr(int(progress * SCHEDULE_RESOLUTION)), training.weight_decay)
         batch = [view.to(memory_format=memory_format) for view in batch]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=training.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = model.loss(batch, step)
         if not torch.isfinite(loss):
             raise RuntimeError(f"{method} diverged at step {step} (loss {loss.item()}) with lr {learning_rate}.")
@@ -290,6 +292,7 @@ def run(options: argparse.Namespace) -> dict:
         "eval_train_samples": len(splits["train"][0]),
         "test_samples": len(splits["test"][0]),
         "probe_epochs": options.probe_epochs,
+        "precision": "bf16" if mixed_precision(args.training.bf16, False, on_gpu=False) == "bf16" else "fp32",
         "runs": [],
     }
     for method, learning_rate in learning_rates_to_run(options.methods, options.learning_rates):
@@ -325,10 +328,10 @@ def results_markdown(results: dict) -> str:
             "",
             f"{results['budget_s']:.0f} s of training per method, one process, CPU threads: {results['threads']}, "
             f"global batch {results['global_batch']}, the recipe {results['recipe']} (backbone, two-view batched "
-            f"augmentation, SGD, bf16 + channels_last) on {results['train_samples']} training images; scored on "
-            f"{results['eval_train_samples']} train / {results['test_samples']} test images: kNN k=20, T=0.07, "
-            f"linear probe {results['probe_epochs']} epochs on cached features. Load average at start (1/5/15 "
-            f"min): {load}. `{results['command']}`",
+            f"augmentation, SGD, {results['precision']} + channels_last) on {results['train_samples']} training "
+            f"images; scored on {results['eval_train_samples']} train / {results['test_samples']} test images: kNN "
+            f"k=20, T=0.07, linear probe {results['probe_epochs']} epochs on cached features. Load average at start "
+            f"(1/5/15 min): {load}. `{results['command']}`",
             "",
             results_table(results),
         ]

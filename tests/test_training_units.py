@@ -14,10 +14,11 @@ from twist_hf import TwistConfig, TwistForPreTraining
 from twist_hf.data import DecodedImageDataset, SkippedImageCounter, collate_skipping_bad_images
 from twist_hf.evaluation import cluster_metrics, image_features
 from twist_hf.training import TrainingDivergedError, TrainingStep
+from twist_hf.training import step as training_step
 from twist_hf.training.data import BatchedViews, LabelledImages, SeededSamples, rank_epoch_stream
 from twist_hf.training.monitors import ClusterMonitor
 from twist_hf.training.optim import TrainingSchedule, build_optimizer
-from twist_hf.training.step import rank_step_seed
+from twist_hf.training.step import mixed_precision, rank_step_seed
 from twist_hf.transforms import BatchedMultiCrop, batched_eval_transform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,3 +201,13 @@ def test_gpu_benchmark_step_and_pretraining_run_without_ray_or_datasets():
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_falls_back_to_fp32_only_on_a_cpu_that_emulates_it(monkeypatch, caplog, native):
+    monkeypatch.setattr(training_step, "cpu_runs_bf16_natively", lambda: native)
+    assert mixed_precision(bf16=True, fp16=False, on_gpu=False) == ("bf16" if native else "no")
+    assert ("neither AMX nor AVX512-BF16" in caplog.text) is not native
+    assert mixed_precision(bf16=True, fp16=False, on_gpu=True) == "bf16"
+    assert mixed_precision(bf16=False, fp16=True, on_gpu=False) == "fp16"
+    assert mixed_precision(bf16=False, fp16=False, on_gpu=False) == "no"

@@ -192,7 +192,13 @@ class TwistTrainingArguments:
     adam_beta2: float = 0.999
     max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping norm (0 = off)."})
     seed: int = 42
-    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision through Accelerate."})
+    bf16: bool = field(
+        default=False,
+        metadata={
+            "help": "bf16 mixed precision through Accelerate; fp32 (with a warning) on a CPU without AMX or "
+            "AVX512-BF16, where bf16 is emulated and slow."
+        },
+    )
     fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision with loss scaling."})
     channels_last: bool = field(default=False, metadata={"help": "channels_last memory format for CNNs."})
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model."})

@@ -38,6 +38,7 @@ from .step import (
     TrainingStep,
     build_teacher,
     fresh_accelerator,
+    mixed_precision,
     prepare_for_training,
     rank_step_seed,
 )
@@ -76,7 +77,7 @@ def build_accelerator(args: PretrainArguments) -> Accelerator:
     training = args.training
     return fresh_accelerator(
         cpu=not args.launch.use_gpu,
-        mixed_precision="bf16" if training.bf16 else "fp16" if training.fp16 else "no",
+        mixed_precision=mixed_precision(training.bf16, training.fp16, on_gpu=args.launch.use_gpu),
         log_with=list(training.report_to) or None,
         project_config=ProjectConfiguration(
             project_dir=training.output_dir, logging_dir=str(Path(training.output_dir) / "runs")
