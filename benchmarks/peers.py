@@ -196,7 +196,7 @@ def endless_views(views) -> Iterator[list[torch.Tensor]]:
 
 
 def train_for_budget(
-    method: str, args: PretrainArguments, learning_rate: float, budget_s: float, max_steps: int | None
+    method: str, args: PretrainArguments, learning_rate: float, budget_s: float, max_steps: int | None, bf16: bool
 ) -> tuple[TwistModel, dict]:
     """Train one method until the wall-clock budget (or max_steps) is spent; returns its backbone and the stats."""
     training = args.training
@@ -210,7 +210,6 @@ def train_for_budget(
         model = model.to(memory_format=torch.channels_last)
     schedule = budget_schedule(args, learning_rate)
     memory_format = torch.channels_last if training.channels_last else torch.contiguous_format
-    precision = mixed_precision(training.bf16, training.fp16, on_gpu=False)
     losses, step, started = [], 0, time.perf_counter()
     for batch in endless_views(views):
         progress = max((time.perf_counter() - started) / budget_s, step / max_steps if max_steps else 0.0)
@@ -218,7 +217,7 @@ def train_for_budget(
             break
         apply_schedule(optimizer, schedule.lr(int(progress * SCHEDULE_RESOLUTION)), training.weight_decay)
         batch = [view.to(memory_format=memory_format) for view in batch]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model.loss(batch, step)
         if not torch.isfinite(loss):
             raise RuntimeError(f"{method} diverged at step {step} (loss {loss.item()}) with lr {learning_rate}.")
@@ -282,6 +281,7 @@ def learning_rates_to_run(methods: list[str], overrides: dict[str, list[float]])
 def run(options: argparse.Namespace) -> dict:
     torch.set_num_threads(options.threads)
     args = recipe_arguments(options.max_train_samples, options.seed)
+    bf16 = mixed_precision(args.training.bf16, args.training.fp16, on_gpu=False) == "bf16"
     splits = evaluation_splits(options.eval_train_samples or options.max_train_samples, options.max_test_samples)
     results = {
         "machine": machine_info(torch.device("cpu")),
@@ -294,11 +294,11 @@ def run(options: argparse.Namespace) -> dict:
         "eval_train_samples": len(splits["train"][0]),
         "test_samples": len(splits["test"][0]),
         "probe_epochs": options.probe_epochs,
-        "precision": "bf16" if mixed_precision(args.training.bf16, False, on_gpu=False) == "bf16" else "fp32",
+        "precision": "bf16" if bf16 else "fp32",
         "runs": [],
     }
     for method, learning_rate in learning_rates_to_run(options.methods, options.learning_rates):
-        encoder, stats = train_for_budget(method, args, learning_rate, options.budget_s, options.max_steps)
+        encoder, stats = train_for_budget(method, args, learning_rate, options.budget_s, options.max_steps, bf16)
         scores = score_backbone(encoder, splits, options.probe_epochs)
         results["runs"].append({"method": method, "learning_rate": learning_rate, **stats, **scores})
         print(json.dumps(results["runs"][-1]), flush=True)
