@@ -18,6 +18,7 @@ from transformers import AutoModel
 from twist_hf.training import LocalReporter, parse_pretrain_args
 from twist_hf.training.checkpoint import load_training_state, read_trainer_state
 from twist_hf.training.loop import PretrainingRun
+from twist_hf.training.step import cpu_runs_bf16_natively
 
 pytestmark = pytest.mark.slow
 
@@ -54,13 +55,14 @@ def straight_run(tmp_path_factory) -> Path:
 def test_single_process_run_leaves_a_complete_output_folder(straight_run, capsys):
     results = json.loads((straight_run / "all_results.json").read_text())
     assert results["status"] == "completed" and results["global_step"] == 16
-    assert 0.1 < results["knn_top1"] <= 1 and results["skipped_images"] == 0
+    assert 0.1 < results["knn_top1"] <= 1 and results["skipped_images"] == 0 and results["precision"] == "fp32"
     model = AutoModel.from_pretrained(straight_run)
     assert model.config.num_classes == 16
     assert all(torch.isfinite(value).all() for value in model.state_dict().values())
     assert (straight_run / "preprocessor_config.json").is_file()
     card = (straight_run / "README.md").read_text()
     assert "knn20_top1" in card or "knn_top1" in card
+    assert "| precision | fp32 |" in card
     assert logged_steps(straight_run) == [4, 8, 12, 16, 16]
     assert sorted(path.name for path in (straight_run / "checkpoints").iterdir()) == [
         "checkpoint-12",
@@ -110,6 +112,7 @@ def test_resume_latest_restores_every_state_and_continues_the_step_counter(tmp_p
 
     results = run.run()
     assert results["global_step"] == 16
+    assert results["precision"] == ("bf16" if cpu_runs_bf16_natively() else "fp32")  # the recipe asks for bf16
     assert logged_steps(output) == [4, 8, 8, 12, 16, 16]
     log = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
     assert [entry.get("resumed_from_step") for entry in log] == [None, None, None, 8, None, None]

@@ -226,9 +226,16 @@ class PretrainingRun:
             "global_step": total,
             "train_runtime": train_seconds,
             "train_images_per_second": (total - self.start_step) * self.global_batch / max(train_seconds, 1e-9),
+            "precision": self.precision,
             "skipped_images": self._skipped_images(),
             **monitor_metrics(self.monitors, self.student.twist, self.accelerator),
         }
+
+    @property
+    def precision(self) -> str:
+        """The precision the run trained in, which may differ from the one asked for (bf16 on a CPU without bf16
+        instructions trains in fp32)."""
+        return {"no": "fp32"}.get(self.accelerator.mixed_precision, self.accelerator.mixed_precision)
 
     def _skipped_images(self) -> int:
         """Undecodable training images skipped (and logged): per read over all ranks on the per-image path,
@@ -421,6 +428,7 @@ class PretrainingRun:
             "global batch size": self.global_batch,
             "workers": self.accelerator.num_processes,
             "hardware": "GPU" if args.launch.use_gpu else "CPU",
+            "precision": self.precision,
             "wall time (s)": round(results["train_runtime"], 1),
             "local crops": args.data.num_local_crops,
             "optimizer": self.training.optim,
