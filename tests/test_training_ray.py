@@ -2,6 +2,8 @@
 and its outputs, `latest` in Ray's storage, and a run that asks for more workers than the cluster has. (Lost
 workers and nodes: tests/test_cluster.py.)"""
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -55,17 +57,21 @@ def ray_checkpoints(output_dir: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def two_worker_run(ray_cluster, tmp_path_factory) -> tuple[Path, str]:
+    """The run's output folder and what the driver printed."""
     output = tmp_path_factory.mktemp("ray") / "run"
-    started = time.perf_counter()
-    assert main([*TINY, "--output_dir", str(output), "--num_train_epochs", "2", "--save_total_limit", "2"]) == 0
-    return output, f"{time.perf_counter() - started:.0f} s"
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main([*TINY, "--output_dir", str(output), "--num_train_epochs", "2", "--save_total_limit", "2"]) == 0
+    return output, printed.getvalue()
 
 
 def test_two_worker_ray_run_leaves_model_results_log_card_and_checkpoints(two_worker_run, capsys):
-    output, _ = two_worker_run
+    output, printed = two_worker_run
     results = json.loads((output / "all_results.json").read_text())
     assert results["status"] == "completed" and results["global_step"] == 16  # 512 / (2 x 32) = 8 steps x 2 epochs
     assert 0.1 < results["knn_top1"] <= 1
+    # The driver's summary has the final report, which comes after the last checkpoint.
+    summary = json.loads(printed.split("Metrics: ", 1)[1].splitlines()[0])
+    assert summary["knn_top1"] == results["knn_top1"] and summary["train_runtime"] == results["train_runtime"]
     model = AutoModel.from_pretrained(output)
     assert all(torch.isfinite(value).all() for value in model.state_dict().values())
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "training_args.json"} <= {
@@ -104,6 +110,20 @@ def test_latest_finds_the_newest_checkpoint_in_ray_storage(two_worker_run, capsy
     )
     assert logged_steps(output)[-3:] == [16, 20, 20]  # the Ray run's final line, then steps 17-20 here
     assert json.loads((output / "all_results.json").read_text())["global_step"] == 20
+
+
+def test_a_diverged_ray_run_exits_with_the_error_and_keeps_its_last_good_checkpoint(ray_cluster, tmp_path, capsys):
+    """Steps 1-12 train normally; the self-labeling phase (steps 13-16) has an absurd lr. Rank 0's final report
+    (status diverged) reaches the driver although no checkpoint comes with it."""
+    output = tmp_path / "run"
+    absurd_self_labeling = ["--self_label_learning_rate", "1e30", "--self_label_warmup_epochs", "0"]
+    options = ["--max_steps", "16", "--self_label_epochs", "0.5", *absurd_self_labeling]
+    assert main([*TINY, "--output_dir", str(output), *options]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "The loss became" in errors[0], errors
+    assert "The last good checkpoint (step 12) is kept." in errors[0]
+    assert not (output / "all_results.json").exists() and not (output / "model.safetensors").exists()
+    assert ray_checkpoints(output)[-1].name == "checkpoint-000000012"
 
 
 def test_more_workers_than_the_cluster_has_fails_before_any_worker_starts(ray_cluster, tmp_path, capsys):

@@ -215,8 +215,8 @@ class RayReporter:
         return Path(checkpoint.to_directory()) if checkpoint is not None else None
 
 
-def ray_train_loop(loop_config: dict) -> None:
-    """What each Ray Train worker runs."""
+def ray_train_loop(loop_config: dict) -> dict:
+    """What each Ray Train worker runs; rank 0's return value reaches the driver as `Result.return_value`."""
     from .loop import train_worker
     from .preemption import TrainingPreempted, sigterm_caught_through_ray_actor
 
@@ -232,6 +232,7 @@ def ray_train_loop(loop_config: dict) -> None:
     if results.get("status") == "preempted":
         # A worker failure to Ray Train: it restarts the workers from the checkpoint of the step just reported.
         raise TrainingPreempted(results["global_step"])
+    return results
 
 
 def worker_placement() -> list[str]:
@@ -421,14 +422,21 @@ def run_ray(args: PretrainArguments) -> dict:
             initial_checkpoint=stored_resume_checkpoint(args),
         )
         result = trainer.fit()
-        metrics = dict(result.metrics or {})
-        _ensure_output_folder(result, output_dir)
-        _record_run_results(metrics, output_dir)
+        metrics = ray_run_metrics(result)
+        if metrics.get("status") == "completed":
+            _ensure_output_folder(result, output_dir)
+            _record_run_results(metrics, output_dir)
         metrics["checkpoints"] = result.path
         return metrics
     finally:
         if started:
             ray.shutdown()
+
+
+def ray_run_metrics(result) -> dict:
+    """A finished Ray Train run's metrics: its newest checkpoint's (all that `Result.metrics` holds), updated with
+    rank 0's final results, which come after that checkpoint (the final kNN, or why the run stopped)."""
+    return {**(result.metrics or {}), **(result.return_value or {})}
 
 
 def stored_resume_checkpoint(args: PretrainArguments) -> str | None:

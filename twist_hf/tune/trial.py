@@ -119,7 +119,7 @@ def _train_in_this_process(args: PretrainArguments, metric: str) -> dict:
 
 def _train_on_ray_train(args: PretrainArguments, metric: str, name: str, storage: str) -> dict:
     """A Ray Train run named after the trial: a restored trial re-creates it and Ray Train resumes it."""
-    from ..training.launch import build_torch_trainer
+    from ..training.launch import build_torch_trainer, ray_run_metrics
 
     trainer = build_torch_trainer(args, name=name, storage_path=storage, callbacks=[_report_callback(metric)])
-    return dict(trainer.fit().metrics or {})
+    return ray_run_metrics(trainer.fit())
