@@ -46,6 +46,8 @@ RAY_TRAIN_ENV = {
     "RAY_TRAIN_COLLECTIVE_TIMEOUT_S": "900",
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30",
 }
+# Final statuses of a run that stopped before its last step (the loop's final report says which and why).
+STOPPED_EARLY = ("diverged", "preempted")
 # How long the per-node checks may take before the cluster is called unusable.
 NODE_CHECK_TIMEOUT_S = 120
 # An elastic run that lost a node asks for its old size once more before it shrinks: a shorter worker-group start
@@ -423,7 +425,7 @@ def run_ray(args: PretrainArguments) -> dict:
         )
         result = trainer.fit()
         metrics = ray_run_metrics(result)
-        if metrics.get("status") == "completed":
+        if metrics.get("status") not in STOPPED_EARLY:
             _ensure_output_folder(result, output_dir)
             _record_run_results(metrics, output_dir)
         metrics["checkpoints"] = result.path
@@ -486,7 +488,7 @@ def launch(args: PretrainArguments) -> dict:
             for path in remove_run_outputs(args.training.output_dir):
                 logger.info("--overwrite_output_dir: removed %s of the previous run.", path)
         metrics = run_ray(args) if args.launch.launcher == "ray" else run_local(args)
-    if metrics.get("status") in ("diverged", "preempted"):
+    if metrics.get("status") in STOPPED_EARLY:
         raise RuntimeError(metrics.get("error", "Training diverged."))
     return metrics
 
