@@ -43,7 +43,7 @@ from twist_hf.evaluation.linear import linear_probe_on_features
 from twist_hf.training.arguments import PretrainArguments, parse_pretrain_args
 from twist_hf.training.data import build_train_views
 from twist_hf.training.optim import TrainingSchedule, apply_schedule, build_optimizer, cosine
-from twist_hf.training.step import mixed_precision
+from twist_hf.training.step import mixed_precision, precision_name
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parent / "recipes" / "configs" / "fmnist.yaml"
@@ -281,7 +281,8 @@ def learning_rates_to_run(methods: list[str], overrides: dict[str, list[float]])
 def run(options: argparse.Namespace) -> dict:
     torch.set_num_threads(options.threads)
     args = recipe_arguments(options.max_train_samples, options.seed)
-    bf16 = mixed_precision(args.training.bf16, args.training.fp16, on_gpu=False) == "bf16"
+    precision = mixed_precision(args.training.bf16, args.training.fp16, on_gpu=False)
+    bf16 = precision == "bf16"
     splits = evaluation_splits(options.eval_train_samples or options.max_train_samples, options.max_test_samples)
     results = {
         "machine": machine_info(torch.device("cpu")),
@@ -294,7 +295,7 @@ def run(options: argparse.Namespace) -> dict:
         "eval_train_samples": len(splits["train"][0]),
         "test_samples": len(splits["test"][0]),
         "probe_epochs": options.probe_epochs,
-        "precision": "bf16" if bf16 else "fp32",
+        "precision": precision_name(precision),
         "runs": [],
     }
     for method, learning_rate in learning_rates_to_run(options.methods, options.learning_rates):

@@ -39,6 +39,7 @@ from .step import (
     build_teacher,
     fresh_accelerator,
     mixed_precision,
+    precision_name,
     prepare_for_training,
     rank_step_seed,
 )
@@ -235,7 +236,7 @@ class PretrainingRun:
     def precision(self) -> str:
         """The precision the run trained in, which may differ from the one asked for (bf16 on a CPU without bf16
         instructions trains in fp32)."""
-        return {"no": "fp32"}.get(self.accelerator.mixed_precision, self.accelerator.mixed_precision)
+        return precision_name(self.accelerator.mixed_precision)
 
     def _skipped_images(self) -> int:
         """Undecodable training images skipped (and logged): per read over all ranks on the per-image path,

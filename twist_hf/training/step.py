@@ -51,6 +51,11 @@ def mixed_precision(bf16: bool, fp16: bool, on_gpu: bool) -> str:
     return "bf16" if bf16 else "fp16" if fp16 else "no"
 
 
+def precision_name(accelerate_precision: str) -> str:
+    """The name results and cards give Accelerate's `mixed_precision` ("no" is fp32)."""
+    return "fp32" if accelerate_precision == "no" else accelerate_precision
+
+
 def fresh_accelerator(**options) -> Accelerator:
     """A new Accelerator. Accelerate keeps one process-wide state and refuses a second run with another precision
     in the same process (notebooks, sweeps, tests, benchmarks); the run-level part of that state is reset here,
