@@ -147,12 +147,14 @@ def registered_checkpoint_step(output_dir: Path) -> int | None:
     return None
 
 
-def kill_a_workers_node(cluster, driver: Driver, output: Path) -> tuple[float, int]:
-    """Once Ray has registered a checkpoint, SIGKILL a node that hosts workers (raylet and workers)."""
+def kill_a_workers_node(cluster, driver: Driver, output: Path) -> tuple[float, int, int]:
+    """Once Ray has registered a checkpoint, SIGKILL a node that hosts workers (raylet and workers); returns when,
+    the newest registered checkpoint's step and the newest logged step at that moment. The workers of a killed
+    raylet notice its death only after a moment and may train (and log) a few more steps that no one registers."""
     wait_until(lambda: registered_checkpoint_step(output) is not None and driver.placements(), driver, "a checkpoint")
-    step = registered_checkpoint_step(output)
+    step, logged = registered_checkpoint_step(output), log_entries(output)[-1]["step"]
     cluster.kill_node(next(iter(driver.placements()[0][1].values())))
-    return time.monotonic(), step
+    return time.monotonic(), step, logged
 
 
 # Elastic: 4 workers (2 per node) at first; 12, 8 or 6 images per worker and bunches of 24 over 2, 3 or 4 ranks.
@@ -178,7 +180,7 @@ def test_a_lost_node_costs_one_checkpoint_interval_and_a_sigterm_not_a_step_in_a
         [*ELASTIC, "--ray_address", cluster.address, "--ray_dashboard", "false", "--output_dir", str(output)]
     )
     try:
-        killed_at, checkpoint_step = kill_a_workers_node(cluster, driver, output)
+        killed_at, checkpoint_step, logged_at_kill = kill_a_workers_node(cluster, driver, output)
         wait_until(lambda: len(driver.placements()) == 2 and trained_after(output, 2), driver, "the restart")
         print(f"node killed -> workers running again: {driver.placements()[1][0] - killed_at:.1f} s")
         os.kill(driver.worker_pids()[1], signal.SIGTERM)
@@ -186,15 +188,18 @@ def test_a_lost_node_costs_one_checkpoint_interval_and_a_sigterm_not_a_step_in_a
     finally:
         cluster.add_node()  # the other tests of the module get their two nodes back
 
-    (_, first), (_, second), (_, third) = driver.placements()
+    placements = driver.placements()
+    assert len(placements) == 3, f"{len(placements)} starts, not 3:\n{controller_events(driver)}"
+    (_, first), (_, second), (_, third) = placements
     assert len(set(first.values())) == 2 and len(set(second.values())) == 1 and second == third
     log = log_entries(output)
     starts = [entry for entry in log if "num_workers" in entry]
     assert [entry["num_workers"] for entry in starts] == [4, 2, 2]
     assert [entry["global_batch_size"] for entry in starts] == [24, 24, 24]
     after_kill, after_sigterm = starts[1]["resumed_from_step"], starts[2]["resumed_from_step"]
-    last_before_kill = [entry["step"] for entry in log[: log.index(starts[1])]][-1]
-    assert after_kill >= checkpoint_step and last_before_kill - after_kill <= 4, (after_kill, checkpoint_step)
+    # Nothing Ray had registered is lost, and the restart costs at most one checkpoint interval (save_steps 4).
+    lost = logged_at_kill - after_kill
+    assert after_kill >= checkpoint_step and lost <= 4, (after_kill, checkpoint_step, logged_at_kill)
     assert f"Stopped by SIGTERM after step {after_sigterm}" in driver.output
     between = log[log.index(starts[1]) : log.index(starts[2])]
     assert max(entry["step"] for entry in between) <= after_sigterm  # the restart loses no step it trained
@@ -202,6 +207,12 @@ def test_a_lost_node_costs_one_checkpoint_interval_and_a_sigterm_not_a_step_in_a
     assert steps == sorted(set(steps)) and steps[-1] == 60  # the step counter continues
     results = json.loads((output / "all_results.json").read_text())
     assert results["status"] == "completed" and results["global_step"] == 60 and results["num_nodes"] == 1
+
+
+def controller_events(driver: Driver) -> str:
+    """The driver's lines that say why Ray Train (re)started the worker group: its sizes, failures and retries."""
+    markers = ("Detected ready resources", "FailurePolicy", "Error:", "timed out", "runs on node", "SIGTERM")
+    return "\n".join(line[:300] for _, line in driver.lines if any(marker in line for marker in markers))
 
 
 def trained_after(output: Path, starts: int) -> bool:

@@ -41,6 +41,7 @@ def ray_cluster():
         runtime_env={"env_vars": {key: os.environ[key] for key in RAY_TRAIN_ENV}},
         configure_logging=True,
         logging_level=logging.WARNING,
+        include_dashboard=False,  # nothing here reads it; it costs seconds per start and per run
     )
     yield
     ray.shutdown()
