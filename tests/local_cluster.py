@@ -175,4 +175,8 @@ class Driver:
         return {int(rank): int(pid) for rank, _, pid in PLACEMENT.findall(line)}
 
     def placement_lines(self) -> list[tuple[float, str]]:
-        return [(arrived, line) for arrived, line in self.lines if "rank 0 runs on node" in line]
+        return self.lines_with("rank 0 runs on node")
+
+    def lines_with(self, *markers: str) -> list[tuple[float, str]]:
+        """(time, line) of each output line that contains any of `markers`."""
+        return [(arrived, line) for arrived, line in self.lines if any(marker in line for marker in markers)]

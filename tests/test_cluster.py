@@ -212,7 +212,7 @@ def test_a_lost_node_costs_one_checkpoint_interval_and_a_sigterm_not_a_step_in_a
 def controller_events(driver: Driver) -> str:
     """The driver's lines that say why Ray Train (re)started the worker group: its sizes, failures and retries."""
     markers = ("Detected ready resources", "FailurePolicy", "Error:", "timed out", "runs on node", "SIGTERM")
-    return "\n".join(line[:300] for _, line in driver.lines if any(marker in line for marker in markers))
+    return "\n".join(line[:300] for _, line in driver.lines_with(*markers))
 
 
 def trained_after(output: Path, starts: int) -> bool:
