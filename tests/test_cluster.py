@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -60,6 +61,11 @@ def stored_checkpoints(s3: S3Server, prefix: str) -> list[str]:
     return sorted({parts[1] for parts in folders if len(parts) > 2 and parts[1].startswith("checkpoint-")})
 
 
+def checkpoint_downloads() -> set[Path]:
+    """Folders where Ray downloads a checkpoint from storage (the workers run on this machine)."""
+    return set(Path(tempfile.gettempdir()).glob("checkpoint_tmp_*"))
+
+
 def test_spread_run_keeps_checkpoints_in_s3_and_a_new_driver_resumes_from_the_bucket(cluster, s3, tmp_path):
     output = tmp_path / "run"
     storage = f"s3://{BUCKET}/runs"
@@ -77,6 +83,7 @@ def test_spread_run_keeps_checkpoints_in_s3_and_a_new_driver_resumes_from_the_bu
     assert any(key.endswith("checkpoint-000000012/model/model.safetensors") for key in s3.keys("runs/"))
 
     # A new driver (as after a head restart) finds the newest checkpoint in the bucket; PACK fits both on one node.
+    downloads_before = checkpoint_downloads()
     second = run_pretrain(
         cluster,
         *("--output_dir", str(output), "--storage_path", storage, "--max_steps", "16", "--save_total_limit", "1"),
@@ -91,6 +98,7 @@ def test_spread_run_keeps_checkpoints_in_s3_and_a_new_driver_resumes_from_the_bu
     assert [entry["resumed_from_step"] for entry in resumed] == [12]
     assert [entry["step"] for entry in log[log.index(resumed[0]) :]] == [16, 16]
     assert stored_checkpoints(s3, "runs/") == ["checkpoint-000000012", "checkpoint-000000016"]  # one per run
+    assert checkpoint_downloads() <= downloads_before  # the workers deleted their download of checkpoint 12
 
     # With rank 0 on another machine the driver's folder is empty: the final model comes from the bucket.
     from ray.train import Checkpoint

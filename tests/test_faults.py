@@ -32,6 +32,7 @@ from twist_hf.training.checkpoint import (
     restorable_cuda_rng_states,
     restore_training_state,
 )
+from twist_hf.training.storage import checkpoint_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -172,6 +173,19 @@ def test_truncated_weights_are_found_and_pruning_ignores_foreign_folder_names(tm
     assert find_latest_checkpoint(tmp_path / "run") is None
     with pytest.raises(ValueError, match="save_total_limit must be at least 1, got 0"):
         LocalCheckpoints(tmp_path / "run", limit=0)
+
+
+def test_a_checkpoint_ray_restores_from_a_local_folder_is_read_in_place_not_copied(tmp_path):
+    """Ray's `to_directory()` would copy it into the temporary directory and leave it there at every restart.
+    (A checkpoint in object storage: its download is deleted, tests/test_cluster.py.)"""
+    from ray.train import Checkpoint
+
+    folder = tmp_path / "checkpoint-000000004"
+    folder.mkdir()
+    with checkpoint_folder(Checkpoint.from_directory(str(folder))) as readable:
+        assert readable == folder
+    with checkpoint_folder(None) as readable:
+        assert readable is None
 
 
 def save_tiny_checkpoint(folder: Path, model, step: int) -> None:

@@ -4,6 +4,7 @@ driver, before any worker starts."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -30,7 +31,13 @@ from ..outputs import (
 )
 from .arguments import PretrainArguments, arguments_from_dict
 from .checkpoint import TRAINER_STATE, CheckpointError, checkpoint_problem, find_latest_checkpoint
-from .storage import StorageError, check_storage_reachable, find_latest_stored_checkpoint, is_remote
+from .storage import (
+    StorageError,
+    check_storage_reachable,
+    checkpoint_folder,
+    find_latest_stored_checkpoint,
+    is_remote,
+)
 
 # The run (`.loop`) and the data checks (`.data`) are imported where they are used: they load `datasets`, which
 # `import twist_hf.training` must not need (the GPU benchmark imports `twist_hf.training.step` without it).
@@ -208,13 +215,13 @@ class RayReporter:
         name = f"{CHECKPOINT_PREFIX}{metrics['global_step']:09d}" if checkpoint is not None else None
         ray.train.report(metrics, checkpoint=ray_checkpoint, checkpoint_dir_name=name)
 
-    def restored_checkpoint(self) -> Path | None:
+    def restored_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None and self.initial_checkpoint is not None:
             checkpoint = ray.train.Checkpoint(self.initial_checkpoint)
-        return Path(checkpoint.to_directory()) if checkpoint is not None else None
+        return checkpoint_folder(checkpoint)
 
 
 def ray_train_loop(loop_config: dict) -> dict:

@@ -9,6 +9,7 @@ import logging
 import shutil
 import tempfile
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Protocol
 
@@ -54,7 +55,9 @@ class Reporter(Protocol):
 
     def report(self, metrics: dict, checkpoint: Path | None) -> None: ...
 
-    def restored_checkpoint(self) -> Path | None: ...
+    def restored_checkpoint(self) -> AbstractContextManager[Path | None]:
+        """The checkpoint the launcher restored after a failure (or None), readable inside the `with` block."""
+        ...
 
 
 class LocalReporter:
@@ -69,8 +72,8 @@ class LocalReporter:
         if checkpoint is not None:
             self.checkpoints.keep(checkpoint, metrics["global_step"])
 
-    def restored_checkpoint(self) -> Path | None:
-        return None
+    def restored_checkpoint(self) -> AbstractContextManager[Path | None]:
+        return nullcontext()
 
 
 def build_accelerator(args: PretrainArguments) -> Accelerator:
@@ -95,11 +98,8 @@ def build_model(args: PretrainArguments) -> TwistForPreTraining:
     return TwistForPreTraining(config)
 
 
-def _resume_source(args: PretrainArguments, reporter: Reporter) -> Path | None:
-    """A checkpoint Ray restored after a failure wins; otherwise --resume_from_checkpoint."""
-    restored = reporter.restored_checkpoint()
-    if restored is not None:
-        return restored
+def _requested_checkpoint(args: PretrainArguments) -> Path | None:
+    """The checkpoint --resume_from_checkpoint names, if any (a Hub one is downloaded to the Hub cache)."""
     spec = args.training.resume_from_checkpoint
     if spec is None:
         return None
@@ -159,10 +159,12 @@ class PretrainingRun:
         self.log = RunLog(self.accelerator, self.output_dir, self.schedule.total_steps, self.start_step, args.to_dict())
 
     def _restore(self, model: TwistForPreTraining, optimizer: torch.optim.Optimizer) -> int:
-        source = _resume_source(self.args, self.reporter)
-        if source is None:
-            return 0
-        state = load_training_state(source)
+        # A checkpoint the launcher restored after a failure wins over --resume_from_checkpoint.
+        with self.reporter.restored_checkpoint() as restored:
+            source = restored or _requested_checkpoint(self.args)
+            if source is None:
+                return 0
+            state = load_training_state(source)
         restore_training_state(
             state, model=model, optimizer=optimizer, teacher=self.teacher, scaler=self.accelerator.scaler
         )

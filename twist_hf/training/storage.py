@@ -4,7 +4,10 @@ configured the standard way for each cloud (for S3: `AWS_ENDPOINT_URL`, `AWS_ACC
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
+from pathlib import Path
 
 from ..outputs import CHECKPOINT_PREFIX
 from .checkpoint import TRAINER_STATE
@@ -20,6 +23,18 @@ class StorageError(ValueError):
 def is_remote(path: str | None) -> bool:
     """A URI with a scheme (s3://, gs://, ...) rather than a folder on this machine."""
     return path is not None and "://" in path and not path.startswith("file://")
+
+
+@contextlib.contextmanager
+def checkpoint_folder(checkpoint) -> Iterator[Path | None]:
+    """A Ray checkpoint (or None) as a folder to read inside the `with` block: a local one is read in place, one in
+    object storage is downloaded to a temporary folder deleted at the end. (Ray's `Checkpoint.to_directory()`
+    copies either kind into the temporary directory and leaves it there: one copy per restart of every worker.)"""
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as folder:
+        yield Path(folder)
 
 
 def open_storage(uri: str):

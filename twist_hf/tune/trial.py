@@ -4,12 +4,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
 
 from ..training.arguments import PretrainArguments, arguments_from_dict
 from ..training.monitors import CLUSTER_METRICS
+from ..training.storage import checkpoint_folder
 from .space import option_section
 
 KNN_METRICS = ("knn_top1", "knn_top5")
@@ -67,11 +69,10 @@ class TuneReporter:
         tune_checkpoint = tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
         tune.report(metrics, checkpoint=tune_checkpoint)
 
-    def restored_checkpoint(self) -> Path | None:
+    def restored_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         from ray import tune
 
-        checkpoint = tune.get_checkpoint()
-        return Path(checkpoint.to_directory()) if checkpoint is not None else None
+        return checkpoint_folder(tune.get_checkpoint())
 
 
 def _report_callback(metric: str):
