@@ -91,6 +91,22 @@ def test_every_recipe_parses_and_builds_model_data_and_schedule(recipe):
     assert schedule.self_label_steps == round(args.training.self_label_epochs * steps_per_epoch)
 
 
+@pytest.mark.parametrize("backend", ["batched", "per_image"])
+def test_the_self_labeling_phase_crops_harder_by_default_or_as_the_recipe_says(tmp_path, backend):
+    def crop_scales(*options: str) -> tuple[list, list]:
+        args = parse_pretrain_args(
+            ["--model_preset", "tiny-resnet", "--num_local_crops", "1", "--local_crop_size", "8"]
+            + ["--augmentation_backend", backend, "--output_dir", str(tmp_path), *options]
+        )
+        config = args.model.build_config()
+        phases = [crop_transforms(args, config, self_labeling=phase, batched=backend == "batched") for phase in (0, 1)]
+        return phases[0].scales, phases[1].scales
+
+    assert crop_scales() == ([(0.4, 1.0)] * 2 + [(0.05, 0.4)], [(0.14, 1.0)] * 2 + [(0.05, 0.14)])  # the paper's
+    custom = ["--self_label_global_crop_scale", "0.5", "1", "--self_label_local_crop_scale", "0.1", "0.3"]
+    assert crop_scales(*custom)[1] == [(0.5, 1.0)] * 2 + [(0.1, 0.3)]
+
+
 def recipe_views(args, config) -> list[torch.Tensor]:
     """The recipe's augmentation applied to random images: (batch, 3, size, size) per view."""
     transform = crop_transforms(args, config, self_labeling=False, batched=args.data.augmentation_backend == "batched")
@@ -192,6 +208,7 @@ def test_unknown_command_line_option_is_an_error():
         ("save_strategy: hourly\n", "save_strategy must be one of"),
         ("augmentation_backend: dali\n", "augmentation_backend must be one of"),
         ("global_crop_scale: [0.8, 0.2]\n", "global_crop_scale must be two numbers 0 < min <= max <= 1"),
+        ("self_label_local_crop_scale: [0, 0.2]\n", "self_label_local_crop_scale must be two numbers 0 < min"),
         ("model_preset: resnet9000\n", "model_preset must be one of .*got 'resnet9000'"),
         ("launcher: slurm\n", "launcher must be one of 'ray', 'local'"),
         ("num_workers: 0\n", "num_workers must be at least 1"),

@@ -24,7 +24,6 @@ from twist_hf.transforms import (
     eval_transform,
     gaussian_blur_per_sample,
     sample_crop_boxes,
-    self_labeling_crop_scales,
 )
 
 NO_PHOTOMETRIC = {
@@ -135,15 +134,6 @@ def test_transform_runs_opencv_on_one_thread():
     cv2.setNumThreads(2)
     identity_crop()(random_uint8(3, 40, 40))
     assert cv2.getNumThreads() == 1
-
-
-def test_self_labeling_scales_follow_the_spec_and_plug_into_both_transforms():
-    scales = self_labeling_crop_scales()
-    assert scales == {"global_scale": (0.14, 1.0), "local_scale": (0.05, 0.14)}
-    multi_crop = MultiCropTransform(global_size=16, local_size=8, num_local_crops=1, **scales)
-    assert multi_crop.scales == [(0.14, 1.0), (0.14, 1.0), (0.05, 0.14)]
-    batched = BatchedMultiCrop(mean=(0.5,), std=(0.5,), global_size=16, local_size=8, num_local_crops=1, **scales)
-    assert batched.scales == [(0.14, 1.0), (0.14, 1.0), (0.05, 0.14)]
 
 
 def test_multi_crop_rejects_bad_input():

@@ -20,6 +20,7 @@ from .configuration_twist import IMAGENET_MEAN, IMAGENET_STD
 CROP_RATIO = (3 / 4, 4 / 3)
 PRETRAINING_GLOBAL_SCALE = (0.4, 1.0)
 PRETRAINING_LOCAL_SCALE = (0.05, 0.4)
+# The harder crops of the self-labeling phase (docs/method.md §4.2).
 SELF_LABELING_GLOBAL_SCALE = (0.14, 1.0)
 SELF_LABELING_LOCAL_SCALE = (0.05, 0.14)
 # Per view: global 0, global 1, then every local crop (docs/method.md §5).
@@ -29,11 +30,6 @@ _RANDOM_RESIZED_CROP_ATTEMPTS = 10
 _GRAYSCALE_WEIGHTS = (0.299, 0.587, 0.114)
 _LEVELS = np.arange(256, dtype=np.float64)
 _SOLARIZE_TABLE = np.where(_LEVELS >= 128, 255 - _LEVELS, _LEVELS).astype(np.uint8)  # threshold 128, as Pillow
-
-
-def self_labeling_crop_scales() -> dict[str, tuple[float, float]]:
-    """Harder crops of the self-labeling phase (docs/method.md §4.2), as keyword arguments for either transform."""
-    return {"global_scale": SELF_LABELING_GLOBAL_SCALE, "local_scale": SELF_LABELING_LOCAL_SCALE}
 
 
 def _check_scale(name: str, scale: Sequence[float]) -> tuple[float, float]:

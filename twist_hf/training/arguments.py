@@ -17,6 +17,12 @@ from ..cli import parse_with_config, read_yaml_options
 from ..configuration_twist import TWIST_PRESETS, TwistConfig, check_choice
 from ..data import DEFAULT_IMAGE_LIMITS, ImageLimits, dataset_roots
 from ..hub import HUB_STRATEGIES
+from ..transforms import (
+    PRETRAINING_GLOBAL_SCALE,
+    PRETRAINING_LOCAL_SCALE,
+    SELF_LABELING_GLOBAL_SCALE,
+    SELF_LABELING_LOCAL_SCALE,
+)
 
 OPTIMIZERS = ("lars", "adamw", "sgd")
 AUGMENTATION_BACKENDS = ("batched", "per_image", "gpu", "ray_data")
@@ -24,6 +30,7 @@ SAVE_STRATEGIES = ("steps", "epoch", "no")
 EVAL_STRATEGIES = ("no", "epoch")
 LAUNCHERS = ("ray", "local")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+CROP_SCALES = ("global_crop_scale", "local_crop_scale", "self_label_global_crop_scale", "self_label_local_crop_scale")
 
 
 @dataclass
@@ -114,8 +121,16 @@ class DataArguments:
     global_crop_size: int | None = field(default=None, metadata={"help": "Default: the model's image_size."})
     local_crop_size: int = field(default=96, metadata={"help": "Side of the local crops."})
     num_local_crops: int = field(default=0, metadata={"help": "Local crops per image (0 = two-view)."})
-    global_crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
-    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    global_crop_scale: list[float] = field(default_factory=lambda: list(PRETRAINING_GLOBAL_SCALE))
+    local_crop_scale: list[float] = field(default_factory=lambda: list(PRETRAINING_LOCAL_SCALE))
+    self_label_global_crop_scale: list[float] = field(
+        default_factory=lambda: list(SELF_LABELING_GLOBAL_SCALE),
+        metadata={"help": "Global crops of the self-labeling phase (the paper's harder 0.14-1)."},
+    )
+    self_label_local_crop_scale: list[float] = field(
+        default_factory=lambda: list(SELF_LABELING_LOCAL_SCALE),
+        metadata={"help": "Local crops of the self-labeling phase (the paper's 0.05-0.14)."},
+    )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per rank."})
     image_roots: list[str] = field(
         default_factory=list,
@@ -143,7 +158,7 @@ class DataArguments:
                 f"streaming needs augmentation_backend='per_image' (the {self.augmentation_backend} backend "
                 "indexes the split by step)."
             )
-        for name in ("global_crop_scale", "local_crop_scale"):
+        for name in CROP_SCALES:
             low, high = getattr(self, name)
             if not 0 < low <= high <= 1:
                 raise ValueError(f"{name} must be two numbers 0 < min <= max <= 1, got {getattr(self, name)}.")

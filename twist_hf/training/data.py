@@ -30,7 +30,7 @@ from ..data import (
     load_image_dataset,
     shuffled_shard_for_epoch,
 )
-from ..transforms import BatchedMultiCrop, MultiCropTransform, self_labeling_crop_scales
+from ..transforms import BatchedMultiCrop, MultiCropTransform
 from .arguments import DataArguments, PretrainArguments
 
 
@@ -269,13 +269,12 @@ def fill_batch(views: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]
 def crop_transforms(
     args: PretrainArguments, config: TwistConfig, self_labeling: bool, batched: bool
 ) -> BatchedMultiCrop | MultiCropTransform:
-    """The multi-crop transform of the phase: the recipe's crops, harder in the self-labeling phase."""
+    """The multi-crop transform of the phase: the recipe's crops, or its (harder) self-labeling crops."""
     data = args.data
-    scales = (
-        self_labeling_crop_scales()
-        if self_labeling
-        else {"global_scale": tuple(data.global_crop_scale), "local_scale": tuple(data.local_crop_scale)}
-    )
+    if self_labeling:
+        scales = {"global_scale": data.self_label_global_crop_scale, "local_scale": data.self_label_local_crop_scale}
+    else:
+        scales = {"global_scale": data.global_crop_scale, "local_scale": data.local_crop_scale}
     common = {
         "global_size": data.global_crop_size or config.image_size,
         "local_size": data.local_crop_size,
