@@ -57,7 +57,6 @@ class Reporter(Protocol):
 
     def restored_checkpoint(self) -> AbstractContextManager[Path | None]:
         """The checkpoint the launcher restored after a failure (or None), readable inside the `with` block."""
-        ...
 
 
 class LocalReporter:
