@@ -5,6 +5,7 @@ inside the user's data, and secrets stay out of what Ray displays."""
 import http.server
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from local_cluster import BUCKET, S3Server
 from PIL import Image
 
 from twist_hf import TwistConfig, TwistForPreTraining
@@ -177,7 +179,7 @@ def test_truncated_weights_are_found_and_pruning_ignores_foreign_folder_names(tm
 
 def test_a_checkpoint_ray_restores_from_a_local_folder_is_read_in_place_not_copied(tmp_path):
     """Ray's `to_directory()` would copy it into the temporary directory and leave it there at every restart.
-    (A checkpoint in object storage: its download is deleted, tests/test_cluster.py.)"""
+    (A checkpoint in object storage is downloaded: the next test.)"""
     from ray.train import Checkpoint
 
     folder = tmp_path / "checkpoint-000000004"
@@ -186,6 +188,23 @@ def test_a_checkpoint_ray_restores_from_a_local_folder_is_read_in_place_not_copi
         assert readable == folder
     with checkpoint_folder(None) as readable:
         assert readable is None
+
+
+def test_a_checkpoint_in_object_storage_is_read_from_a_download_that_is_deleted_and_named_in_the_log(caplog):
+    """A worker that resumes from S3 (moto's server, real HTTP) says which object it read, not only the temporary
+    folder, and leaves no copy behind."""
+    from ray.train import Checkpoint
+
+    s3 = S3Server().start()
+    try:
+        s3.client().put_object(Bucket=BUCKET, Key="runs/checkpoint-000000004/trainer_state.json", Body=b"{}")
+        with caplog.at_level(logging.INFO, logger="twist_hf.training.storage"):
+            with checkpoint_folder(Checkpoint(f"s3://{BUCKET}/runs/checkpoint-000000004")) as readable:
+                assert (readable / "trainer_state.json").read_text() == "{}"
+    finally:
+        s3.stop()
+    assert not readable.exists()
+    assert f"s3://{BUCKET}/runs/checkpoint-000000004" in caplog.text
 
 
 def save_tiny_checkpoint(folder: Path, model, step: int) -> None:

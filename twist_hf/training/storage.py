@@ -5,12 +5,15 @@ configured the standard way for each cloud (for S3: `AWS_ENDPOINT_URL`, `AWS_ACC
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..outputs import CHECKPOINT_PREFIX
 from .checkpoint import TRAINER_STATE
+
+logger = logging.getLogger(__name__)
 
 # Ray Train folder names of our checkpoints: RayReporter names them checkpoint-<global step, 9 digits>.
 _CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)$")
@@ -34,6 +37,9 @@ def checkpoint_folder(checkpoint) -> Iterator[Path | None]:
         yield None
         return
     with checkpoint.as_directory() as folder:
+        if checkpoint.filesystem.type_name != "local":
+            uri = f"{checkpoint.filesystem.type_name}://{checkpoint.path}"
+            logger.info("Reading checkpoint %s from its temporary download %s.", uri, folder)
         yield Path(folder)
 
 
