@@ -99,6 +99,7 @@ def test_spread_run_keeps_checkpoints_in_s3_and_a_new_driver_resumes_from_the_bu
     assert [entry["step"] for entry in log[log.index(resumed[0]) :]] == [16, 16]
     assert stored_checkpoints(s3, "runs/") == ["checkpoint-000000012", "checkpoint-000000016"]  # one per run
     assert checkpoint_downloads() <= downloads_before  # the workers deleted their download of checkpoint 12
+    assert f"Reading checkpoint s3://{BUCKET}/runs/" in second.output  # the object, not only the download's folder
 
     # With rank 0 on another machine the driver's folder is empty: the final model comes from the bucket.
     from ray.train import Checkpoint
