@@ -1,4 +1,5 @@
-"""Fixtures shared by the Hub tests (a local Hub-API server and a client pointed at it), and how the suite exits."""
+"""Fixtures shared by the test modules (a local Hub-API server and a client pointed at it, a local S3 server), and how
+the suite exits."""
 
 import os
 import sys
@@ -6,6 +7,7 @@ import sys
 import pytest
 from hub_server import TEST_TOKEN, start_hub_server
 from huggingface_hub import HfApi, constants
+from local_cluster import S3Server
 
 EXIT_STATUS = pytest.StashKey[int]()
 
@@ -26,6 +28,14 @@ def hub(tmp_path):
 @pytest.fixture
 def api(hub):
     return HfApi(endpoint=hub.endpoint, token=TEST_TOKEN)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server (real HTTP) with one empty bucket, its endpoint and keys in the environment."""
+    server = S3Server().start()
+    yield server
+    server.stop()
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -31,13 +31,6 @@ TINY = tiny_run_args(num_workers=2, bunch_size=64, save_strategy="steps", save_s
 
 
 @pytest.fixture(scope="module")
-def s3():
-    server = S3Server().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def cluster(s3):
     """Started after the S3 server so that every raylet (and so every worker) has its endpoint and keys."""
     cluster = LocalCluster(worker_nodes=2, cpus_per_node=CPUS_PER_NODE)

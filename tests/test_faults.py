@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from local_cluster import BUCKET, S3Server
+from local_cluster import BUCKET
 from PIL import Image
 
 from twist_hf import TwistConfig, TwistForPreTraining
@@ -190,19 +190,15 @@ def test_a_checkpoint_ray_restores_from_a_local_folder_is_read_in_place_not_copi
         assert readable is None
 
 
-def test_a_checkpoint_in_object_storage_is_read_from_a_download_that_is_deleted_and_named_in_the_log(caplog):
+def test_a_checkpoint_in_object_storage_is_read_from_a_download_that_is_deleted_and_named_in_the_log(s3, caplog):
     """A worker that resumes from S3 (moto's server, real HTTP) says which object it read, not only the temporary
     folder, and leaves no copy behind."""
     from ray.train import Checkpoint
 
-    s3 = S3Server().start()
-    try:
-        s3.client().put_object(Bucket=BUCKET, Key="runs/checkpoint-000000004/trainer_state.json", Body=b"{}")
-        with caplog.at_level(logging.INFO, logger="twist_hf.training.storage"):
-            with checkpoint_folder(Checkpoint(f"s3://{BUCKET}/runs/checkpoint-000000004")) as readable:
-                assert (readable / "trainer_state.json").read_text() == "{}"
-    finally:
-        s3.stop()
+    s3.client().put_object(Bucket=BUCKET, Key="runs/checkpoint-000000004/trainer_state.json", Body=b"{}")
+    with caplog.at_level(logging.INFO, logger="twist_hf.training.storage"):
+        with checkpoint_folder(Checkpoint(f"s3://{BUCKET}/runs/checkpoint-000000004")) as readable:
+            assert (readable / "trainer_state.json").read_text() == "{}"
     assert not readable.exists()
     assert f"s3://{BUCKET}/runs/checkpoint-000000004" in caplog.text
 
