@@ -26,6 +26,8 @@ SELF_LABELING_LOCAL_SCALE = (0.05, 0.14)
 # Per view: global 0, global 1, then every local crop (docs/method.md §5).
 BLUR_PROBABILITIES = (1.0, 0.1, 0.5)
 SOLARIZE_PROBABILITIES = (0.0, 0.2, 0.0)
+# Brightness, contrast, saturation, hue (docs/method.md §5).
+COLOUR_JITTER = (0.4, 0.4, 0.2, 0.1)
 _RANDOM_RESIZED_CROP_ATTEMPTS = 10
 _GRAYSCALE_WEIGHTS = (0.299, 0.587, 0.114)
 _LEVELS = np.arange(256, dtype=np.float64)
@@ -44,7 +46,8 @@ def _check_probability(name: str, probability: float) -> float:
     return float(probability)
 
 
-def _check_view_probabilities(name: str, probabilities: Sequence[float]) -> tuple[float, float, float]:
+def check_view_probabilities(name: str, probabilities: Sequence[float]) -> tuple[float, float, float]:
+    """Per-view probabilities (global view 0, global view 1, every local crop), each in [0, 1]."""
     if len(probabilities) != 3:
         raise ValueError(f"{name} needs 3 probabilities (global view 0, global view 1, locals), got {probabilities}.")
     first, second, local = (_check_probability(name, probability) for probability in probabilities)
@@ -86,7 +89,7 @@ class MultiCropLaw:
         std: Sequence[float] = IMAGENET_STD,
         ratio: Sequence[float] = CROP_RATIO,
         flip_probability: float = 0.5,
-        jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
+        jitter: Sequence[float] = COLOUR_JITTER,
         jitter_probability: float = 0.8,
         grayscale_probability: float = 0.2,
         blur_probabilities: Sequence[float] = BLUR_PROBABILITIES,
@@ -97,14 +100,14 @@ class MultiCropLaw:
             raise ValueError(f"num_local_crops must be >= 0, got {num_local_crops}.")
         if len(mean) != len(std) or len(mean) not in (1, 3) or min(std) <= 0:
             raise ValueError(f"mean and std need 1 or 3 values each and std > 0, got mean={mean}, std={std}.")
-        blur = _check_view_probabilities("blur_probabilities", blur_probabilities)
-        solarize = _check_view_probabilities("solarize_probabilities", solarize_probabilities)
+        blur = check_view_probabilities("blur_probabilities", blur_probabilities)
+        solarize = check_view_probabilities("solarize_probabilities", solarize_probabilities)
         self.sizes = [global_size] * 2 + [local_size] * num_local_crops
         self.scales = [_check_scale("global_scale", global_scale)] * 2
         self.scales += [_check_scale("local_scale", local_scale)] * num_local_crops
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.flip_probability = _check_probability("flip_probability", flip_probability)
-        self.jitter = _check_jitter(jitter)
+        self.jitter = check_jitter(jitter)
         self.jitter_probability = _check_probability("jitter_probability", jitter_probability)
         self.grayscale_probability = _check_probability("grayscale_probability", grayscale_probability)
         self.blur_probabilities = [_view_probability(blur, view) for view in range(len(self.sizes))]
@@ -206,9 +209,10 @@ def gaussian_blur(pixels: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(pixels, (kernel_size, kernel_size), sigma, borderType=cv2.BORDER_REPLICATE)
 
 
-def _check_jitter(jitter: Sequence[float]) -> tuple[float, float, float, float]:
+def check_jitter(jitter: Sequence[float], name: str = "jitter") -> tuple[float, float, float, float]:
+    """Colour-jitter strengths (brightness, contrast, saturation, hue): factors uniform in [1 - s, 1 + s]."""
     if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
-        raise ValueError(f"jitter is (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, got {jitter}.")
+        raise ValueError(f"{name} is (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, got {jitter}.")
     brightness, contrast, saturation, hue = (float(strength) for strength in jitter)
     return brightness, contrast, saturation, hue
 
@@ -502,7 +506,7 @@ class BatchedMultiCrop:
         local_scale: Sequence[float] = PRETRAINING_LOCAL_SCALE,
         ratio: Sequence[float] = CROP_RATIO,
         flip_probability: float = 0.5,
-        jitter_strength: Sequence[float] = (0.4, 0.4, 0.2),
+        jitter_strength: Sequence[float] = COLOUR_JITTER[:3],
         jitter_probability: float = 0.8,
         grayscale_probability: float = 0.2,
         blur_probabilities: Sequence[float] = (0.0, 0.0, 0.0),
@@ -530,9 +534,9 @@ class BatchedMultiCrop:
         self.jitter_strength = tuple(float(strength) for strength in jitter_strength)
         self.jitter_probability = _check_probability("jitter_probability", jitter_probability)
         self.grayscale_probability = _check_probability("grayscale_probability", grayscale_probability)
-        self.blur_probabilities = _check_view_probabilities("blur_probabilities", blur_probabilities)
+        self.blur_probabilities = check_view_probabilities("blur_probabilities", blur_probabilities)
         self.blur_sigma = _check_scale_range("blur_sigma", blur_sigma)
-        self.solarize_probabilities = _check_view_probabilities("solarize_probabilities", solarize_probabilities)
+        self.solarize_probabilities = check_view_probabilities("solarize_probabilities", solarize_probabilities)
         self.interpolation = interpolation
         self.generator = torch.Generator().manual_seed(seed)
 

@@ -18,10 +18,14 @@ from ..configuration_twist import TWIST_PRESETS, TwistConfig, check_choice
 from ..data import DEFAULT_IMAGE_LIMITS, ImageLimits, dataset_roots
 from ..hub import HUB_STRATEGIES
 from ..transforms import (
+    COLOUR_JITTER,
     PRETRAINING_GLOBAL_SCALE,
     PRETRAINING_LOCAL_SCALE,
     SELF_LABELING_GLOBAL_SCALE,
     SELF_LABELING_LOCAL_SCALE,
+    SOLARIZE_PROBABILITIES,
+    check_jitter,
+    check_view_probabilities,
 )
 
 OPTIMIZERS = ("lars", "adamw", "sgd")
@@ -131,6 +135,17 @@ class DataArguments:
         default_factory=lambda: list(SELF_LABELING_LOCAL_SCALE),
         metadata={"help": "Local crops of the self-labeling phase (the paper's 0.05-0.14)."},
     )
+    colour_jitter: list[float] = field(
+        default_factory=lambda: list(COLOUR_JITTER),
+        metadata={
+            "help": "Colour-jitter strengths (brightness, contrast, saturation, hue), applied with probability 0.8; "
+            "the batched backend leaves hue out."
+        },
+    )
+    solarize_probabilities: list[float] = field(
+        default_factory=lambda: list(SOLARIZE_PROBABILITIES),
+        metadata={"help": "Solarization probability of global view 0, global view 1 and each local crop."},
+    )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per rank."})
     image_roots: list[str] = field(
         default_factory=list,
@@ -162,6 +177,8 @@ class DataArguments:
             low, high = getattr(self, name)
             if not 0 < low <= high <= 1:
                 raise ValueError(f"{name} must be two numbers 0 < min <= max <= 1, got {getattr(self, name)}.")
+        check_jitter(self.colour_jitter, "colour_jitter")
+        check_view_probabilities("solarize_probabilities", self.solarize_probabilities)
 
     def image_limits(self) -> ImageLimits:
         """What image paths and sizes the dataset's images may have (see `twist_hf.data.ImageLimits`)."""

@@ -281,11 +281,12 @@ def crop_transforms(
         "num_local_crops": data.num_local_crops,
         "mean": config.image_mean,
         "std": config.image_std,
+        "solarize_probabilities": data.solarize_probabilities,
         **scales,
     }
-    if batched:
-        return BatchedMultiCrop(**common, seed=args.training.seed)
-    return MultiCropTransform(**common)
+    if batched:  # no hue jitter on whole batches
+        return BatchedMultiCrop(**common, jitter_strength=data.colour_jitter[:3], seed=args.training.seed)
+    return MultiCropTransform(**common, jitter=data.colour_jitter)
 
 
 def build_train_views(
