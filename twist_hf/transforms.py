@@ -107,7 +107,7 @@ class MultiCropLaw:
         self.scales += [_check_scale("local_scale", local_scale)] * num_local_crops
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.flip_probability = _check_probability("flip_probability", flip_probability)
-        self.jitter = check_jitter(jitter)
+        self.jitter = check_jitter("jitter", jitter)
         self.jitter_probability = _check_probability("jitter_probability", jitter_probability)
         self.grayscale_probability = _check_probability("grayscale_probability", grayscale_probability)
         self.blur_probabilities = [_view_probability(blur, view) for view in range(len(self.sizes))]
@@ -209,7 +209,7 @@ def gaussian_blur(pixels: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(pixels, (kernel_size, kernel_size), sigma, borderType=cv2.BORDER_REPLICATE)
 
 
-def check_jitter(jitter: Sequence[float], name: str = "jitter") -> tuple[float, float, float, float]:
+def check_jitter(name: str, jitter: Sequence[float]) -> tuple[float, float, float, float]:
     """Colour-jitter strengths (brightness, contrast, saturation, hue): factors uniform in [1 - s, 1 + s]."""
     if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
         raise ValueError(f"{name} is (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, got {jitter}.")

@@ -177,7 +177,7 @@ class DataArguments:
             low, high = getattr(self, name)
             if not 0 < low <= high <= 1:
                 raise ValueError(f"{name} must be two numbers 0 < min <= max <= 1, got {getattr(self, name)}.")
-        check_jitter(self.colour_jitter, "colour_jitter")
+        check_jitter("colour_jitter", self.colour_jitter)
         check_view_probabilities("solarize_probabilities", self.solarize_probabilities)
 
     def image_limits(self) -> ImageLimits:
