@@ -91,6 +91,15 @@ def test_loss_path_stays_fp32_under_bf16_autocast():
     torch.testing.assert_close(out.loss, model.compute_loss(expected).loss, rtol=1e-6, atol=1e-7)
 
 
+def test_multicrop_pretraining_forward_compiles_into_one_graph():
+    """`torch_compile: true` recipes get the whole forward (backbone, head, fp32 last norm, loss) as one graph."""
+    model = TwistForPreTraining(tiny_config()).train()
+    views = [torch.randn(4, 3, size, size) for size in (32, 32, 16, 16)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model)(views)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 def test_resnet_keeps_its_own_initialisation():
     """Same seed, same draws: TWIST's backbone holds exactly what Hugging Face's ResNet draws when built alone,
     so a re-initialisation by TWIST (even with the same kaiming distribution) is caught."""
