@@ -1,4 +1,4 @@
-"""Single-GPU benchmark (torch and twist_hf: no Ray, no network), about 8 minutes on an H100.
+"""Single-GPU benchmark (torch and twist_hf: no Ray, no `datasets`, no network), 287 s on an H200.
 
 1. The library's `TrainingStep` of the ResNet-50 multi-crop recipe (recipes/configs/imagenet-resnet50-multicrop.yaml:
    2x224 + 6x96 crops, LARS, bf16 autocast, channels_last) with torch.compile: images/s and model FLOP
@@ -23,6 +23,8 @@ import os
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,7 +41,7 @@ from harness import (
     summarise,
     write_json,
 )
-from ingest import IMAGENET_SIZE, jpeg_folder, timed_training
+from ingest import IMAGENET_SIZE, jpeg_folder, synchronize, timed_feed, timed_training
 from train_step import RECIPES, Variant, Workload, recipe_arguments, recipe_step, synthetic_views
 
 from twist_hf.training.arguments import PretrainArguments, make_parser, read_recipe
@@ -61,6 +63,7 @@ BF16_PEAKS = {
     "RTX 4090": 165e12,
 }
 MULTICROP_RECIPE = "imagenet-resnet50-multicrop.yaml"
+SECTIONS = ("resnet50_multicrop", "jpeg_backends", "fashion_mnist")
 RESNET18 = {
     "model_type": "resnet",
     "embedding_size": 64,
@@ -87,9 +90,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--jpeg-steps", type=int, default=30, help="timed steps per backend on JPEG files")
     parser.add_argument("--loader-workers", type=int, default=None, help="default: all cores but one")
-    parser.add_argument("--fmnist-epochs", type=float, default=10.0)
+    parser.add_argument("--fmnist-epochs", type=float, default=None, help="default: the recipe's (fmnist.yaml)")
     parser.add_argument("--fmnist-batch-size", type=int, default=512)
     parser.add_argument("--results-dir", default=str(HERE / "results"))
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        help="which parts to run (default: all); the JPEG part takes its MFU from the ResNet-50 part's FLOP count",
+    )
     return parser.parse_args(argv)
 
 
@@ -100,11 +110,6 @@ def bf16_peak_flops(device: torch.device, override_tflops: float | None) -> floa
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in BF16_PEAKS.items() if key in name), None)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def count_step_flops(model, views: list[torch.Tensor], device: torch.device) -> int:
@@ -156,7 +161,7 @@ def resnet50_step(args: argparse.Namespace, device: torch.device):
     return step, model, batch, global_size, local_size
 
 
-def jpeg_backends(args: argparse.Namespace, device: torch.device, flops_per_step: int) -> dict:
+def jpeg_backends(args: argparse.Namespace, device: torch.device, flops_per_step: int | None) -> dict:
     """End-to-end img/s, data-wait fraction and MFU of the ResNet-50 step fed from JPEG files, per backend."""
     from torch.utils.data import DataLoader
 
@@ -199,7 +204,8 @@ def jpeg_backends(args: argparse.Namespace, device: torch.device, flops_per_step
             feeds[label] = lambda loader=loader: views_on_device(loader, crops, device, lambda skipped: None)
         for label, feed in feeds.items():
             row = timed_training(feed(), step, batch, warmup, steps, device)
-            row["mfu"] = flops_per_step * row["img_per_s"] / batch / peak if peak else None
+            row["feed_img_per_s"] = timed_feed(feed(), batch, warmup, steps, device)
+            row["mfu"] = flops_per_step * row["img_per_s"] / batch / peak if peak and flops_per_step else None
             results[label] = row
     return {
         "workload": f"resnet50 2x{global_size} + 6x{local_size}, batch {batch}, {workers} loader workers",
@@ -261,7 +267,6 @@ def fashion_mnist_arguments(args: argparse.Namespace, root: Path, output_dir: Pa
         "bunch_size": batch,
         "per_device_train_batch_size": batch,
         "data_dir": str(root),
-        "num_train_epochs": args.fmnist_epochs,
         "launcher": "local",
         "num_workers": 1,
         "use_gpu": device.type == "cuda",
@@ -269,6 +274,8 @@ def fashion_mnist_arguments(args: argparse.Namespace, root: Path, output_dir: Pa
         "report_to": ["none"],
         "save_strategy": "no",
     }
+    if args.fmnist_epochs is not None:
+        options["num_train_epochs"] = args.fmnist_epochs
     if args.tiny:
         options.update(max_train_samples=512, max_eval_samples=512, max_steps=4)
     return PretrainArguments(*make_parser().parse_dict(options))
@@ -300,23 +307,17 @@ def fashion_mnist_run(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def markdown(results: dict) -> str:
-    r50 = results["resnet50_multicrop"]
-    mfu = f"{100 * r50['mfu']:.1f}%" if r50["mfu"] is not None else "n/a (unknown peak)"
-    rows = [
-        ["ResNet-50 2x224+6x96 recipe step (LARS, bf16)", fmt_range(r50["img_per_s"], 2), f"MFU {mfu}"],
-        ["Fashion-MNIST recipe run, ResNet-18-sized", *fashion_mnist_cells(results["fashion_mnist"])],
-    ]
-    jpegs = results["jpeg_backends"]
-    for label, row in jpegs.items():
-        if label != "workload":
-            mfu = f", MFU {100 * row['mfu']:.1f}%" if row["mfu"] is not None else ""
-            rows.append(
-                [
-                    f"{jpegs['workload']} from JPEGs: {label}",
-                    f"{row['img_per_s']:.0f}",
-                    f"data wait {100 * row['data_wait_fraction']:.0f}%{mfu}",
-                ]
-            )
+    """The results table of the sections chosen; one that failed or did not run says so in its row."""
+    chosen = results.get("sections", SECTIONS)
+    rows = []
+    if "resnet50_multicrop" in chosen:
+        rows.append(
+            ["ResNet-50 2x224+6x96 recipe step (LARS, bf16)", *resnet50_cells(results.get("resnet50_multicrop"))]
+        )
+    if "fashion_mnist" in chosen:
+        rows.append(["Fashion-MNIST recipe run, ResNet-18-sized", *fashion_mnist_cells(results.get("fashion_mnist"))])
+    if "jpeg_backends" in chosen:
+        rows.extend(jpeg_rows(results.get("jpeg_backends")))
     return (
         f"# GPU benchmark: {results['machine']['device']}, {results['machine']['date']}\n\n"
         + markdown_table(["benchmark", "img/s median (min-max)", "result"], rows)
@@ -324,14 +325,57 @@ def markdown(results: dict) -> str:
     )
 
 
-def fashion_mnist_cells(fmnist: dict) -> list[str]:
-    if "error" in fmnist:
-        return ["not run", fmnist["error"]]
+def jpeg_rows(jpegs: dict | None) -> list[list[str]]:
+    if not jpegs or "error" in jpegs:
+        return [["ResNet-50 step from JPEG files", *not_run_cells(jpegs)]]
+    rows = []
+    for label, row in jpegs.items():
+        if isinstance(row, dict):
+            mfu = f", MFU {100 * row['mfu']:.1f}%" if row["mfu"] is not None else ""
+            rows.append(
+                [
+                    f"{jpegs['workload']} from JPEGs: {label}",
+                    f"{row['img_per_s']:.0f}",
+                    f"data wait {100 * row['data_wait_fraction']:.0f}%{mfu}; the data path alone "
+                    f"{row['feed_img_per_s']:.0f} img/s",
+                ]
+            )
+    return rows
+
+
+def not_run_cells(section: dict | None) -> list[str]:
+    return ["not run", section["error"] if section else "the script stopped before this section"]
+
+
+def resnet50_cells(r50: dict | None) -> list[str]:
+    if not r50 or "error" in r50:
+        return not_run_cells(r50)
+    mfu = f"{100 * r50['mfu']:.1f}%" if r50["mfu"] is not None else "n/a (unknown peak)"
+    return [fmt_range(r50["img_per_s"], 2), f"MFU {mfu}"]
+
+
+def fashion_mnist_cells(fmnist: dict | None) -> list[str]:
+    if not fmnist or "error" in fmnist:
+        return not_run_cells(fmnist)
     return [
         f"{fmnist['img_per_s']:.0f}",
         f"kNN top-1 {fmnist['knn_top1']:.4f} vs random init {fmnist['random_init_knn_top1']:.4f}, "
         f"{fmnist['steps']} steps in {fmnist['train_s']:.0f} s",
     ]
+
+
+def run_section(results: dict, name: str, section: Callable[[], dict], json_path: Path) -> dict:
+    """Run one section into `results[name]` and rewrite the results file, so that a section that fails (its
+    error is recorded) or a run cut short by a time limit keeps what the sections before it measured."""
+    started = time.perf_counter()
+    try:
+        results[name] = section()
+    except Exception as error:
+        traceback.print_exc()
+        results[name] = {"error": f"{type(error).__name__}: {error}"}
+    results[name]["section_s"] = time.perf_counter() - started
+    write_json(json_path, results)
+    return results[name]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -340,18 +384,19 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("No CUDA device here; run with --device cpu --tiny for a smoke test.")
     torch.backends.cudnn.benchmark = True
-    resnet50 = resnet50_throughput(args, device)
-    results = {
-        "machine": machine_info(device),
-        "tiny": args.tiny,
-        "resnet50_multicrop": resnet50,
-        "jpeg_backends": jpeg_backends(args, device, resnet50["flops_per_step"]),
-        "fashion_mnist": fashion_mnist_run(args, device),
-    }
+    results = {"machine": machine_info(device), "tiny": args.tiny, "sections": args.sections}
     stem = f"gpu-{device_slug(device)}{'-tiny' if args.tiny else ''}-{results['machine']['date']}"
-    results_dir = Path(args.results_dir)
-    write_json(results_dir / f"{stem}.json", results)
-    (results_dir / f"{stem}.md").write_text(markdown(results))
+    json_path = Path(args.results_dir) / f"{stem}.json"
+    sections = {
+        "resnet50_multicrop": lambda: resnet50_throughput(args, device),
+        "jpeg_backends": lambda: jpeg_backends(
+            args, device, results.get("resnet50_multicrop", {}).get("flops_per_step")
+        ),
+        "fashion_mnist": lambda: fashion_mnist_run(args, device),
+    }
+    for name in args.sections:
+        run_section(results, name, sections[name], json_path)
+    json_path.with_suffix(".md").write_text(markdown(results))
     print(markdown(results))
     return results
 

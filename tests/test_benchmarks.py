@@ -13,6 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from gpu import markdown, run_section
 from harness import fmt_range, rates, ratio, summarise, time_repeated
 from launchers import steady_step_seconds
 
@@ -82,6 +83,18 @@ def test_smoke_run_writes_results_and_table(tmp_path):
         assert heading in table
 
 
+def test_gpu_script_keeps_earlier_sections_when_one_fails(tmp_path):
+    # A GPU lease is short: a section that raises is recorded and the file already holds what ran before it.
+    results, json_path = {"machine": {"device": "test GPU", "date": "2026-12-04"}, "tiny": True}, tmp_path / "r.json"
+    run_section(results, "resnet50_multicrop", lambda: {"img_per_s": summarise([2.0]), "mfu": 0.5}, json_path)
+    run_section(results, "jpeg_backends", lambda: 1 / 0, json_path)
+    assert json.loads(json_path.read_text())["jpeg_backends"]["error"] == "ZeroDivisionError: division by zero"
+    table = markdown(results)
+    assert "| 2.00 (2.00-2.00) | MFU 50.0% |" in table
+    assert "| ResNet-50 step from JPEG files | not run | ZeroDivisionError: division by zero |" in table
+    assert "| Fashion-MNIST recipe run, ResNet-18-sized | not run | the script stopped before this section |" in table
+
+
 @pytest.mark.slow
 def test_gpu_script_smoke_on_cpu(tmp_path):
     run_benchmark_script("gpu.py", "--device", "cpu", "--tiny", "--results-dir", str(tmp_path), timeout=600)
@@ -89,6 +102,7 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
     results = json.loads(json_path.read_text())
     r50 = results["resnet50_multicrop"]
     assert r50["flops_per_step"] > 0 and r50["mfu"] is None and r50["img_per_s"]["median"] > 0
+    assert results["jpeg_backends"]["per_image"]["img_per_s"] > 0
     fmnist = results["fashion_mnist"]
     assert fmnist["steps"] == 4 and 0 <= fmnist["knn_top1"] <= 1
     assert "GPU benchmark" in json_path.with_suffix(".md").read_text()
