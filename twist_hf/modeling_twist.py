@@ -88,7 +88,8 @@ def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast disabled on `device`; nothing to disable where autocast does not exist (the meta device).
 
     Under torch.compile the device is a real one and the availability check is skipped: torch 2.11's Dynamo
-    cannot trace it, and the graph break it made recompiled the rest of the head on every step."""
+    cannot trace it, and the graph break it made recompiled the rest of the forward until the recompile limit,
+    then ran it eager."""
     if torch.compiler.is_compiling() or torch.amp.is_autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
