@@ -1,6 +1,9 @@
 """Pushing from real (tiny) training runs to the local Hub test server, including its failure modes."""
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -17,12 +20,14 @@ pytestmark = pytest.mark.slow
 REPO = f"{TEST_USER}/twist-tiny"
 
 
-def pretrain(
-    output_dir: Path, env: dict, *extra: str, steps: int = 16, save_steps: int = 8
-) -> subprocess.CompletedProcess:
+def pretrain_command(output_dir: Path, *extra: str, steps: int = 16, save_steps: int = 8) -> list[str]:
     flags = tiny_run_args(launcher="local", max_steps=steps, save_strategy="steps", save_steps=save_steps)
     hub = ["--push_to_hub", "--hub_model_id", REPO, "--hub_token", TEST_TOKEN]
-    command = [sys.executable, str(PRETRAIN_SCRIPT), *flags, "--output_dir", str(output_dir), *hub, *extra]
+    return [sys.executable, str(PRETRAIN_SCRIPT), *flags, "--output_dir", str(output_dir), *hub, *extra]
+
+
+def pretrain(output_dir: Path, env: dict, *extra: str, steps: int = 16) -> subprocess.CompletedProcess:
+    command = pretrain_command(output_dir, *extra, steps=steps)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
 
 
@@ -55,40 +60,58 @@ def saved_steps(output: Path) -> list[int]:
     return [int(folder.name.split("-")[-1]) for folder in (output / "checkpoints").glob("checkpoint-*")]
 
 
-def wait_for_checkpoint(output: Path, step: int, timeout: float = 300) -> None:
-    """Until a checkpoint at or after `step` exists (older ones are pruned by save_total_limit)."""
+def wait_for_checkpoint(output: Path, step: int, run: subprocess.Popen, timeout: float = 300) -> bool:
+    """Until a checkpoint at or after `step` exists (older ones are pruned by save_total_limit); False if the run
+    ended first."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and max(saved_steps(output), default=0) < step:
-        time.sleep(0.2)
-    time.sleep(1.0)
+    while max(saved_steps(output), default=0) < step:
+        if run.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, f"no checkpoint at step {step} within {timeout} s"
+        time.sleep(0.02)
+    return True
+
+
+def run_while_paused(run: subprocess.Popen, stage) -> None:
+    """`stage` with the run's processes stopped (SIGSTOP), so that the run cannot outrun what `stage` does to the
+    Hub: a tiny run saves and fails a push every few milliseconds, faster than the server restarts."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(run.pid, signal.SIGSTOP)
+    try:
+        stage()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGCONT)
 
 
 def run_with_faults(hub, tmp_path, stages: list) -> tuple[subprocess.CompletedProcess, Path]:
-    """Train 300 steps (a save every 20); `stages[0]` breaks the Hub at the start, `stages[i]` runs once step
-    100 * i is saved. The last stage mends it, so only a later push (the saves after it, or the final one) can
-    land; many saves follow the mend, so the test does not hinge on how fast the run is."""
+    """Train 300 steps (a save every 20); `stages[0]` breaks the Hub at the start, `stages[i]` runs, with the run
+    paused, once step 60 * i is saved. The last stage mends it, so only a later push (the saves after it, or the
+    final one) can land; at least 8 saves follow the mend however fast the run trains."""
     output = tmp_path / "run"
     stages[0]()
+    command = pretrain_command(
+        output, "--hub_strategy", "every_save", "--hub_push_timeout", "20", steps=300, save_steps=20
+    )
+    env = client_env(hub, tmp_path / "hf-home")
+    run = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
     def follow_stages():
         for index, stage in enumerate(stages[1:], start=1):
-            wait_for_checkpoint(output, 100 * index)
-            stage()
+            if not wait_for_checkpoint(output, 60 * index, run):
+                return
+            run_while_paused(run, stage)
 
     follower = threading.Thread(target=follow_stages, daemon=True)
     follower.start()
-    result = pretrain(
-        output,
-        client_env(hub, tmp_path / "hf-home"),
-        "--hub_strategy",
-        "every_save",
-        "--hub_push_timeout",
-        "20",
-        steps=300,
-        save_steps=20,
-    )
-    follower.join(timeout=5)
-    return result, output
+    try:
+        stdout, stderr = run.communicate(timeout=400)
+    finally:
+        run.kill()
+    follower.join(timeout=30)
+    return subprocess.CompletedProcess(command, run.returncode, stdout, stderr), output
 
 
 def assert_survived_and_pushed_later(hub, result, output: Path) -> None:
