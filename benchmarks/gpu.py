@@ -41,7 +41,7 @@ from harness import (
     summarise,
     write_json,
 )
-from ingest import IMAGENET_SIZE, jpeg_folder, synchronize, timed_feed, timed_training
+from ingest import IMAGENET_SIZE, jpeg_folder, synchronize, timed_training
 from train_step import RECIPES, Variant, Workload, recipe_arguments, recipe_step, synthetic_views
 
 from twist_hf.training.arguments import PretrainArguments, make_parser, read_recipe
@@ -204,7 +204,8 @@ def jpeg_backends(args: argparse.Namespace, device: torch.device, flops_per_step
             feeds[label] = lambda loader=loader: views_on_device(loader, crops, device, lambda skipped: None)
         for label, feed in feeds.items():
             row = timed_training(feed(), step, batch, warmup, steps, device)
-            row["feed_img_per_s"] = timed_feed(feed(), batch, warmup, steps, device)
+            alone = timed_training(feed(), lambda index, views: None, batch, warmup, steps, device)  # no step
+            row["feed_img_per_s"] = alone["img_per_s"]
             row["mfu"] = flops_per_step * row["img_per_s"] / batch / peak if peak and flops_per_step else None
             results[label] = row
     return {

@@ -86,19 +86,6 @@ def timed_training(
     return {"img_per_s": steps * batch / seconds, "data_wait_fraction": waited / seconds, "steps": steps}
 
 
-def timed_feed(views: Iterable[list[torch.Tensor]], batch: int, warmup: int, steps: int, device: torch.device) -> float:
-    """img/s of the data path alone: `steps` batches drawn (and made on `device`) after `warmup`, no training."""
-    batches = iter(views)
-    for _ in range(warmup):
-        next(batches)
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        next(batches)
-    synchronize(device)
-    return steps * batch / (time.perf_counter() - started)
-
-
 def cpu_arguments(data_dir: Path, backend: str, workers: int, batch: int, steps: int, tiny: bool):
     """The library's run arguments of the CPU workload: tiny-resnet, 2 x 64 + 4 x 32 crops (smaller when tiny)."""
     from twist_hf.training.arguments import PretrainArguments, make_parser
