@@ -2,7 +2,9 @@
 the suite exits."""
 
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 from hub_server import TEST_TOKEN, start_hub_server
@@ -10,6 +12,15 @@ from huggingface_hub import HfApi, constants
 from local_cluster import S3Server
 
 EXIT_STATUS = pytest.StashKey[int]()
+RAY_TMPDIR = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+    """Each xdist worker (the suite runs on two, `-n 2` in pyproject.toml) gets a Ray temp dir of its own: a bare
+    `ray.init()` joins the newest cluster recorded in RAY_TMPDIR, and must not join the other worker's."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        config.stash[RAY_TMPDIR] = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=f"ray-{worker}-")
 
 
 @pytest.fixture
@@ -46,7 +57,10 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_unconfigure(config):
     """Leave with pytest's own exit status, skipping interpreter teardown: native threads of Ray's and gRPC's
     clients can crash it after every test has passed (seen once: 473 passed, then exit code 139). Every Ray
-    instance and server the tests start is stopped by its fixture before this point."""
+    instance and server the tests start is stopped by its fixture before this point, and an xdist worker has sent
+    its results (execnet writes them synchronously)."""
+    if RAY_TMPDIR in config.stash:
+        shutil.rmtree(config.stash[RAY_TMPDIR], ignore_errors=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(config.stash.get(EXIT_STATUS, 0))
