@@ -15,9 +15,10 @@ import torch
 from harness import PeakMemory, interleaved_seconds, rates, ratio, summarise, time_repeated
 
 from twist_hf import TwistForPreTraining
+from twist_hf.accelerator import fresh_accelerator
 from twist_hf.training.arguments import PretrainArguments, make_parser, read_recipe
 from twist_hf.training.optim import build_recipe_optimizer, build_schedule
-from twist_hf.training.step import TrainingStep, build_teacher, fresh_accelerator, prepare_for_training
+from twist_hf.training.step import TrainingStep, build_teacher, prepare_for_training
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "configs"
 # Steps per epoch of the synthetic schedule: long enough that every timed step is a phase-1 step.

@@ -13,9 +13,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from test_eval_protocols import one_torch_thread  # noqa: F401 - the autouse fixture: one torch thread here too
 
 from twist_hf import TwistConfig, TwistModel
+from twist_hf.accelerator import fresh_accelerator
 from twist_hf.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from twist_hf.evaluation import (
     EvalArguments,
@@ -98,6 +100,15 @@ def test_resnet_linear_probe_defaults_are_lr_0_2_unscaled_and_global_batch_1024(
     assert metrics["linear_batch_size"] == 1024 and metrics["linear_batch_size_per_process"] == 1024
     assert metrics["linear_feature_size"] == 16  # the pooled ResNet feature
     assert metrics["linear_best_top1"] >= metrics["linear_top1"] and metrics["linear_best_epoch"] in (1, 2)
+
+
+def test_an_evaluation_after_a_bf16_run_in_the_same_process_evaluates_in_fp32(resnet_dir, image_folder, tmp_path):
+    """A notebook that pretrains in bf16, then evaluates: Accelerate's process-wide state would refuse the
+    evaluation's own precision ("AcceleratorState has already been initialized")."""
+    fresh_accelerator(cpu=True, mixed_precision="bf16")
+    metrics = run_evaluation(run_args(resnet_dir, image_folder, "knn", tmp_path))
+    assert 0 <= metrics["knn_top1"] <= 1
+    assert AcceleratorState().mixed_precision == "no"
 
 
 def test_vit_linear_probe_uses_the_last_four_cls_tokens_and_the_vit_s_lr_scaled_by_batch(

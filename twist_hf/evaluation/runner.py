@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from twist_hf.accelerator import fresh_accelerator
 from twist_hf.data import BUILTIN_FASHION_MNIST_NAMES, decode_image
 
 from .arguments import ClusterArguments, EvalArguments, KnnArguments, LinearArguments, SemiArguments
@@ -51,7 +52,7 @@ def run_evaluation(
     """
     knn_args, linear_args = knn_args or KnnArguments(), linear_args or LinearArguments()
     semi_args, cluster_args = semi_args or SemiArguments(), cluster_args or ClusterArguments()
-    accelerator = accelerator or Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    accelerator = accelerator or fresh_accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
     if eval_args.reproduces:
         logger.info("reproduces: %s", eval_args.reproduces)
     feature_model, processor = load_feature_model(eval_args.model)

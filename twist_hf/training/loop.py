@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
+from ..accelerator import fresh_accelerator
 from ..hub import HubPusher, resolve_resume_checkpoint
 from ..model_card import model_config_summary, write_model_card
 from ..modeling_twist import TwistForPreTraining, TwistForPreTrainingOutput
@@ -38,7 +39,6 @@ from .step import (
     TrainingDivergedError,
     TrainingStep,
     build_teacher,
-    fresh_accelerator,
     mixed_precision,
     precision_name,
     prepare_for_training,

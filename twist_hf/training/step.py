@@ -10,7 +10,6 @@ import logging
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from torch import nn
 
 from ..modeling_twist import TwistForPreTraining, TwistForPreTrainingOutput
@@ -54,14 +53,6 @@ def mixed_precision(bf16: bool, fp16: bool, on_gpu: bool) -> str:
 def precision_name(accelerate_precision: str) -> str:
     """The name results and cards give Accelerate's `mixed_precision` ("no" is fp32)."""
     return "fp32" if accelerate_precision == "no" else accelerate_precision
-
-
-def fresh_accelerator(**options) -> Accelerator:
-    """A new Accelerator. Accelerate keeps one process-wide state and refuses a second run with another precision
-    in the same process (notebooks, sweeps, tests, benchmarks); the run-level part of that state is reset here,
-    the process group part is kept."""
-    AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(**options)
 
 
 def prepare_for_training(
