@@ -18,7 +18,8 @@ RAY_TMPDIR = pytest.StashKey[str]()
 def pytest_configure(config):
     """The suite runs on two xdist workers (`-n 2` in pyproject.toml), one per core of a 2-core CI machine:
     - each worker and the processes it starts compute on one thread: two OpenMP threads per process, with the
-      other worker busy, spin at every barrier (a tiny training run measured 150 s instead of 13 s);
+      other worker busy, spin at every barrier (a tiny training run next to two busy processes: 150 s, 13 s
+      with one thread);
     - each worker gets a Ray temp dir of its own: a bare `ray.init()` joins the newest cluster recorded in
       RAY_TMPDIR, and must not join the other worker's."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
