@@ -65,20 +65,9 @@ def run_evaluation(
         linear_args.linear_cls_blocks,
     )
     _check_batches_split(protocols, linear_args, linear_recipe, semi_args, accelerator.num_processes)
-    splits = load_labelled_splits(
-        eval_args.dataset,
-        eval_args.train_split,
-        eval_args.test_split,
-        eval_args.image_column,
-        eval_args.label_column,
-        eval_args.dataset_config,
-        eval_args.max_train_samples,
-        eval_args.max_test_samples,
-    )
+    splits = _load_splits(eval_args)
     output_dir = Path(eval_args.output_dir or _default_output_dir(eval_args.model))
-    fast_linear = "linear" in protocols and linear_args.linear_mode == "fast"
-    needs_train = "knn" in protocols or (fast_linear and linear_recipe.cls_blocks == 1)
-    needed = (["train"] if needs_train else []) + (["test"] if needs_train or "cluster" in protocols else [])
+    needed = _splits_with_frozen_features(protocols, linear_args, linear_recipe)
     features, skipped = _extract_splits(eval_args, needed, feature_model, processor, splits, accelerator)
     metrics: dict[str, float] = {}
     if "knn" in protocols:
@@ -101,6 +90,31 @@ def run_evaluation(
         _write_outputs(eval_args, cluster_args, metrics, features, splits, output_dir)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _load_splits(eval_args: EvalArguments) -> LabelledSplits:
+    """The labelled train and test splits the evaluation arguments name."""
+    return load_labelled_splits(
+        eval_args.dataset,
+        eval_args.train_split,
+        eval_args.test_split,
+        eval_args.image_column,
+        eval_args.label_column,
+        eval_args.dataset_config,
+        eval_args.max_train_samples,
+        eval_args.max_test_samples,
+    )
+
+
+def _splits_with_frozen_features(
+    protocols: Sequence[str], linear_args: LinearArguments, linear_recipe: LinearProbeRecipe
+) -> list[str]:
+    """The splits whose frozen features are extracted once and shared: kNN and the fast probe on one feature read
+    train and test, the head's cluster metrics test; the paper's probe, the fast probe on a ViT's last CLS tokens
+    and fine-tuning make their own."""
+    fast_linear = "linear" in protocols and linear_args.linear_mode == "fast"
+    needs_train = "knn" in protocols or (fast_linear and linear_recipe.cls_blocks == 1)
+    return (["train"] if needs_train else []) + (["test"] if needs_train or "cluster" in protocols else [])
 
 
 def _applicable_protocols(eval_args: EvalArguments, feature_model: FeatureModel) -> tuple[str, ...]:
