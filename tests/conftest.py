@@ -24,9 +24,7 @@ def pytest_configure(config):
       RAY_TMPDIR, and must not join the other worker's."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker:
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # torch is not imported yet: it reads this when it is
         config.stash[RAY_TMPDIR] = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=f"ray-{worker}-")
 
 
