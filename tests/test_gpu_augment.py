@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -171,6 +172,43 @@ def test_full_crops_without_photometric_ops_are_the_resized_images():
     )
     images = [torch.randint(0, 256, (3, 20, 20), dtype=torch.uint8) for _ in range(2)]
     torch.testing.assert_close(transform(images)[0], torch.stack(images).float() / 255, atol=1e-5, rtol=0)
+
+
+def test_equalize_equals_pillows_where_drawn():
+    photometric = {"jitter_probability": 0.0, "grayscale_probability": 0.0, "blur_probabilities": (0, 0, 0)}
+    transform = DeviceMultiCrop(
+        global_size=16,
+        global_scale=(1, 1),
+        ratio=(1, 1),
+        flip_probability=0.0,
+        solarize_probabilities=(0, 0, 0),
+        equalize_probabilities=(0.5, 0.0, 0.0),
+        mean=(0.0,),
+        std=(1.0,),
+        **photometric,
+    )
+    images = [torch.randint(90, 150, (3, 16, 16), dtype=torch.uint8) for _ in range(32)]
+    sizes = torch.tensor([image.shape[-2:] for image in images], dtype=torch.float32)
+    first, second = transform.sample(sizes, torch.Generator().manual_seed(0))
+    assert 0 < first.equalize.sum() < len(images) and not second.equalize.any()
+    views = transform.apply(images, [first, second])
+    for index, image in enumerate(images):
+        original = Image.fromarray(image.permute(1, 2, 0).numpy())
+        expected = ImageOps.equalize(original) if first.equalize[index] else original
+        expected = torch.from_numpy(np.array(expected)).permute(2, 0, 1).float() / 255
+        torch.testing.assert_close(views[0][index], expected, atol=1e-5, rtol=0)
+
+
+def test_parameters_without_equalisation_draw_nothing_for_it():
+    sizes = torch.tensor([[20.0, 30.0]]).expand(16, 2)
+    plain = DeviceMultiCrop(num_local_crops=1).sample(sizes, torch.Generator().manual_seed(1))
+    local_only = DeviceMultiCrop(num_local_crops=1, equalize_probabilities=(0, 0, 1))
+    equalized = local_only.sample(sizes, torch.Generator().manual_seed(1))
+    for view in (0, 1):
+        assert all(
+            torch.equal(getattr(plain[view], f.name), getattr(equalized[view], f.name)) for f in fields(plain[view])
+        )
+    assert equalized[2].equalize.all() and not plain[2].equalize.any()
 
 
 def test_rejects_bad_images():

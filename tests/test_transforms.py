@@ -124,6 +124,13 @@ def test_solarize_grayscale_and_flip_equal_pillows():
     torch.testing.assert_close(flipped, as_view(image.transpose(Image.FLIP_LEFT_RIGHT)))
 
 
+def test_per_image_equalize_equals_pillows():
+    image = Image.fromarray(torch.randint(90, 150, (40, 40, 3), dtype=torch.uint8).numpy())
+    equalized = identity_crop(equalize_probabilities=(1, 1, 1))(image)[0]
+    torch.testing.assert_close(equalized, as_view(ImageOps.equalize(image)))
+    assert equalized.max() - equalized.min() > 0.9  # the narrow 90-150 range now spans (nearly) all of 0-255
+
+
 def as_view(image: Image.Image) -> torch.Tensor:
     """A PIL image as the float view (3, H, W) in [0, 1] that the unnormalised transform gives."""
     pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
@@ -422,6 +429,33 @@ def test_solarize_inverts_bright_pixels():
     view = identity_geometry(solarize_probabilities=(1.0, 1.0, 1.0))(images)[0][:, 0]
     pixels = images.float() / 255
     torch.testing.assert_close(view, torch.where(images >= 128, 1 - pixels, pixels), atol=1e-5, rtol=0)
+
+
+def pillow_equalized(images: torch.Tensor) -> torch.Tensor:
+    """Pillow's ImageOps.equalize of each uint8 (H, W) image, as floats in [0, 1]."""
+    equalized = [np.array(ImageOps.equalize(Image.fromarray(image.numpy()))) for image in images]
+    return torch.from_numpy(np.stack(equalized)).float() / 255
+
+
+def test_batched_equalize_equals_pillows_and_only_where_chosen():
+    images = torch.randint(90, 150, (64, 16, 16), dtype=torch.uint8)
+    for view in identity_geometry(equalize_probabilities=(1.0, 1.0, 1.0))(images):
+        torch.testing.assert_close(view[:, 0], pillow_equalized(images), atol=1e-5, rtol=0)
+    first, second = identity_geometry(equalize_probabilities=(0.5, 0.0, 0.0))(images)
+    equalized = (first[:, 0] - images.float() / 255).flatten(1).abs().amax(dim=1) > 1e-5
+    assert 0 < equalized.sum() < len(images)
+    torch.testing.assert_close(first[equalized, 0], pillow_equalized(images[equalized]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(second[:, 0], images.float() / 255, atol=1e-5, rtol=0)
+
+
+def test_batched_views_without_equalisation_draw_nothing_for_it():
+    """A probability of 0 draws nothing, so recipes without equalisation keep their views (and results)."""
+    images = random_uint8(8, 16, 16)
+    law = {"mean": (0.0,), "std": (1.0,), "global_size": 12, "num_local_crops": 1, "local_size": 8}
+    off, on = BatchedMultiCrop(**law), BatchedMultiCrop(**law, equalize_probabilities=(0.0, 0.0, 1.0))
+    plain, equalized = off(images, torch.Generator().manual_seed(3)), on(images, torch.Generator().manual_seed(3))
+    assert torch.equal(plain[0], equalized[0]) and torch.equal(plain[1], equalized[1])
+    assert not torch.equal(plain[2], equalized[2])
 
 
 def test_per_sample_gaussian_blur_matches_the_hand_kernel():

@@ -3,7 +3,8 @@
 Data workers only decode images and draw every random parameter on the CPU (`DeviceMultiCrop.sample`, from image
 sizes alone, same laws as `MultiCropTransform`); `DeviceMultiCrop.apply` then crops, resizes (bicubic,
 antialiased), flips, colour-jitters (brightness, contrast, saturation, hue in a random order per sample),
-grayscales, blurs (one sigma per sample), solarizes and normalises whole batches where the images are.
+optionally equalises histograms, grayscales, blurs (one sigma per sample), solarizes and normalises whole batches
+where the images are.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2.functional import equalize
 
 from .transforms import (
     MultiCropLaw,
@@ -40,6 +42,7 @@ class ViewParameters:
     blur: torch.Tensor  # (B,) bool
     blur_sigma: torch.Tensor  # (B,) float
     solarize: torch.Tensor  # (B,) bool
+    equalize: torch.Tensor  # (B,) bool: histogram equalisation after the jitter
 
     def select(self, index: torch.Tensor) -> ViewParameters:
         """The parameters of the samples at `index` (e.g. to split a batch)."""
@@ -85,6 +88,7 @@ class DeviceMultiCrop(MultiCropLaw):
             blur=_bernoulli(batch, self.blur_probabilities[view], generator),
             blur_sigma=torch.empty(batch).uniform_(*self.blur_sigma, generator=generator),
             solarize=_bernoulli(batch, self.solarize_probabilities[view], generator),
+            equalize=_bernoulli_if_possible(batch, self.equalize_probabilities[view], generator),
         )
 
     def apply(
@@ -103,6 +107,8 @@ class DeviceMultiCrop(MultiCropLaw):
         crops = crop_resize(images, parameters.boxes, size)
         crops = torch.where(parameters.flip.to(device).view(-1, 1, 1, 1), crops.flip(-1), crops)
         crops = colour_jitter(crops, parameters.jitter, parameters.jitter_factors, parameters.jitter_order)
+        if parameters.equalize.any():
+            crops = torch.where(parameters.equalize.to(device).view(-1, 1, 1, 1), equalize(crops), crops)
         crops = torch.where(
             parameters.grayscale.to(device).view(-1, 1, 1, 1), _grayscale(crops).expand_as(crops), crops
         )
@@ -124,6 +130,11 @@ def _check_images(images: Sequence[torch.Tensor] | torch.Tensor) -> None:
 
 def _bernoulli(batch: int, probability: float, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(batch, generator=generator) < probability
+
+
+def _bernoulli_if_possible(batch: int, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """`_bernoulli`, drawing nothing when `probability` is 0, so laws without the option keep their streams."""
+    return _bernoulli(batch, probability, generator) if probability else torch.zeros(batch, dtype=torch.bool)
 
 
 def crop_resize(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image as PILImage
 from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2.functional import equalize
 
 from .configuration_twist import IMAGENET_MEAN, IMAGENET_STD
 
@@ -26,6 +27,8 @@ SELF_LABELING_LOCAL_SCALE = (0.05, 0.14)
 # Per view: global 0, global 1, then every local crop (docs/method.md §5).
 BLUR_PROBABILITIES = (1.0, 0.1, 0.5)
 SOLARIZE_PROBABILITIES = (0.0, 0.2, 0.0)
+# Not in the paper: histogram equalisation after the jitter (Pillow's ImageOps.equalize), off unless a recipe asks.
+EQUALIZE_PROBABILITIES = (0.0, 0.0, 0.0)
 # Brightness, contrast, saturation, hue (docs/method.md §5).
 COLOUR_JITTER = (0.4, 0.4, 0.2, 0.1)
 _RANDOM_RESIZED_CROP_ATTEMPTS = 10
@@ -74,8 +77,9 @@ class MultiCropLaw:
     per-image `MultiCropTransform` and the batched `twist_hf.gpu_augment.DeviceMultiCrop`.
 
     Views [global0, global1, *locals]: random-resized crop, flip, colour jitter (0.4, 0.4, 0.2, 0.1) in random
-    order with p=0.8, grayscale p=0.2, Gaussian blur sigma in [0.1, 2] with p 1.0 / 0.1 / 0.5 for global0 /
-    global1 / locals, solarization p 0 / 0.2 / 0, normalisation. num_local_crops=0 gives the two-view law.
+    order with p=0.8, histogram equalisation (not in the paper: off unless `equalize_probabilities` asks), grayscale
+    p=0.2, Gaussian blur sigma in [0.1, 2] with p 1.0 / 0.1 / 0.5 for global0 / global1 / locals, solarization p 0 /
+    0.2 / 0, normalisation. num_local_crops=0 gives the two-view law.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class MultiCropLaw:
         blur_probabilities: Sequence[float] = BLUR_PROBABILITIES,
         blur_sigma: Sequence[float] = (0.1, 2.0),
         solarize_probabilities: Sequence[float] = SOLARIZE_PROBABILITIES,
+        equalize_probabilities: Sequence[float] = EQUALIZE_PROBABILITIES,
     ) -> None:
         if num_local_crops < 0:
             raise ValueError(f"num_local_crops must be >= 0, got {num_local_crops}.")
@@ -102,6 +107,7 @@ class MultiCropLaw:
             raise ValueError(f"mean and std need 1 or 3 values each and std > 0, got mean={mean}, std={std}.")
         blur = check_view_probabilities("blur_probabilities", blur_probabilities)
         solarize = check_view_probabilities("solarize_probabilities", solarize_probabilities)
+        equalize = check_view_probabilities("equalize_probabilities", equalize_probabilities)
         self.sizes = [global_size] * 2 + [local_size] * num_local_crops
         self.scales = [_check_scale("global_scale", global_scale)] * 2
         self.scales += [_check_scale("local_scale", local_scale)] * num_local_crops
@@ -113,6 +119,7 @@ class MultiCropLaw:
         self.blur_probabilities = [_view_probability(blur, view) for view in range(len(self.sizes))]
         self.blur_sigma = _check_scale_range("blur_sigma", blur_sigma)
         self.solarize_probabilities = [_view_probability(solarize, view) for view in range(len(self.sizes))]
+        self.equalize_probabilities = [_view_probability(equalize, view) for view in range(len(self.sizes))]
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
@@ -174,6 +181,8 @@ class MultiCropTransform(MultiCropLaw):
             crop = cv2.flip(crop, 1)
         if random.random() < self.jitter_probability:
             crop = colour_jitter(crop, *self.jitter)
+        if self.equalize_probabilities[view] and random.random() < self.equalize_probabilities[view]:
+            crop = equalize(torch.from_numpy(crop).permute(2, 0, 1)).permute(1, 2, 0).numpy()
         if random.random() < self.grayscale_probability:
             crop = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
         if random.random() < self.blur_probabilities[view]:
@@ -488,7 +497,8 @@ class BatchedMultiCrop:
 
     Per sample and view, with parameters from a seeded torch.Generator: RandomResizedCrop-law crop box,
     horizontal flip and resize in one grid_sample; with probability `jitter_probability` brightness,
-    contrast and (RGB only) saturation jitter; grayscale (RGB only); optional Gaussian blur and
+    contrast and (RGB only) saturation jitter; optional histogram equalisation; grayscale (RGB only); optional
+    Gaussian blur and
     solarization with per-view probabilities (global0, global1, locals); normalisation. Hue jitter is
     left out. Blur is off by default: it wipes out 28-32 px images (small-image SSL recipes drop it).
     Returns [global0, global1, *locals], each float (B, 3, S, S), on the input's device.
@@ -512,6 +522,7 @@ class BatchedMultiCrop:
         blur_probabilities: Sequence[float] = (0.0, 0.0, 0.0),
         blur_sigma: Sequence[float] = (0.1, 2.0),
         solarize_probabilities: Sequence[float] = SOLARIZE_PROBABILITIES,
+        equalize_probabilities: Sequence[float] = EQUALIZE_PROBABILITIES,
         interpolation: Literal["bilinear", "bicubic"] = "bilinear",
         seed: int = 0,
     ) -> None:
@@ -537,6 +548,7 @@ class BatchedMultiCrop:
         self.blur_probabilities = check_view_probabilities("blur_probabilities", blur_probabilities)
         self.blur_sigma = _check_scale_range("blur_sigma", blur_sigma)
         self.solarize_probabilities = check_view_probabilities("solarize_probabilities", solarize_probabilities)
+        self.equalize_probabilities = check_view_probabilities("equalize_probabilities", equalize_probabilities)
         self.interpolation = interpolation
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -558,6 +570,7 @@ class BatchedMultiCrop:
         if self.interpolation == "bicubic":
             crops = crops.clamp_(0.0, 1.0)
         crops = self._colour_jitter(crops, generator)
+        crops = _random_equalize(crops, _view_probability(self.equalize_probabilities, view), generator)
         crops = self._random_grayscale(crops, generator)
         crops = self._random_blur(crops, _view_probability(self.blur_probabilities, view), generator)
         crops = _random_solarize(crops, _view_probability(self.solarize_probabilities, view), generator)
@@ -621,6 +634,15 @@ def _random_solarize(crops: torch.Tensor, probability: float, generator: torch.G
     if not chosen.any():
         return crops
     return torch.where(chosen.to(crops.device).view(-1, 1, 1, 1), solarize(crops), crops)
+
+
+def _random_equalize(crops: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Histogram-equalise samples chosen with `probability`; draws nothing when it is 0, so recipes without
+    equalisation keep their random streams."""
+    if probability == 0:
+        return crops
+    chosen = _bernoulli(crops.shape[0], probability, generator).to(crops.device).view(-1, 1, 1, 1)
+    return torch.where(chosen, equalize(crops), crops)
 
 
 def solarize(pixels: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from ..data import DEFAULT_IMAGE_LIMITS, ImageLimits, dataset_roots
 from ..hub import HUB_STRATEGIES
 from ..transforms import (
     COLOUR_JITTER,
+    EQUALIZE_PROBABILITIES,
     PRETRAINING_GLOBAL_SCALE,
     PRETRAINING_LOCAL_SCALE,
     SELF_LABELING_GLOBAL_SCALE,
@@ -146,6 +147,13 @@ class DataArguments:
         default_factory=lambda: list(SOLARIZE_PROBABILITIES),
         metadata={"help": "Solarization probability of global view 0, global view 1 and each local crop."},
     )
+    equalize_probabilities: list[float] = field(
+        default_factory=lambda: list(EQUALIZE_PROBABILITIES),
+        metadata={
+            "help": "Histogram-equalisation probability (after the jitter) of global view 0, global view 1 and each "
+            "local crop; not in the paper."
+        },
+    )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per rank."})
     image_roots: list[str] = field(
         default_factory=list,
@@ -179,6 +187,7 @@ class DataArguments:
                 raise ValueError(f"{name} must be two numbers 0 < min <= max <= 1, got {getattr(self, name)}.")
         check_jitter("colour_jitter", self.colour_jitter)
         check_view_probabilities("solarize_probabilities", self.solarize_probabilities)
+        check_view_probabilities("equalize_probabilities", self.equalize_probabilities)
 
     def image_limits(self) -> ImageLimits:
         """What image paths and sizes the dataset's images may have (see `twist_hf.data.ImageLimits`)."""

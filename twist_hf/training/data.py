@@ -282,6 +282,7 @@ def crop_transforms(
         "mean": config.image_mean,
         "std": config.image_std,
         "solarize_probabilities": data.solarize_probabilities,
+        "equalize_probabilities": data.equalize_probabilities,
         **scales,
     }
     if batched:  # no hue jitter on whole batches
