@@ -108,10 +108,10 @@ def test_the_self_labeling_phase_crops_harder_by_default_or_as_the_recipe_says(t
 
 
 @pytest.mark.parametrize("backend", ["batched", "per_image"])
-def test_both_phases_jitter_and_solarize_the_views_as_the_recipe_says(tmp_path, backend):
-    def augmentations(*options: str) -> list[tuple[list[float], list[float]]]:
-        """Per phase, the jitter strengths and the solarization probabilities of the three views (two global, one
-        local); the batched backend has no hue jitter."""
+def test_both_phases_jitter_solarize_and_equalize_the_views_as_the_recipe_says(tmp_path, backend):
+    def augmentations(*options: str) -> list[tuple[list[float], list[float], list[float]]]:
+        """Per phase, the jitter strengths and the solarization and equalisation probabilities of the three views
+        (two global, one local); the batched backend has no hue jitter."""
         args = parse_pretrain_args(
             ["--model_preset", "tiny-resnet", "--num_local_crops", "1", "--local_crop_size", "8"]
             + ["--augmentation_backend", backend, "--output_dir", str(tmp_path), *options]
@@ -119,13 +119,17 @@ def test_both_phases_jitter_and_solarize_the_views_as_the_recipe_says(tmp_path, 
         config = args.model.build_config()
         phases = [crop_transforms(args, config, self_labeling=phase, batched=backend == "batched") for phase in (0, 1)]
         strengths = [phase.jitter_strength if backend == "batched" else phase.jitter for phase in phases]
-        return [(list(jitter), list(phase.solarize_probabilities)) for jitter, phase in zip(strengths, phases)]
+        return [
+            (list(jitter), list(phase.solarize_probabilities), list(phase.equalize_probabilities))
+            for jitter, phase in zip(strengths, phases)
+        ]
 
     paper_jitter = [0.4, 0.4, 0.2] + ([] if backend == "batched" else [0.1])
-    assert augmentations() == [(paper_jitter, [0.0, 0.2, 0.0])] * 2  # solarized: the second global view only
+    assert augmentations() == [(paper_jitter, [0.0, 0.2, 0.0], [0.0, 0.0, 0.0])] * 2  # solarized: 2nd global view only
     options = ["--colour_jitter", "0.6", "0.5", "0.3", "0.2", "--solarize_probabilities", "0.2", "0.3", "0.1"]
+    options += ["--equalize_probabilities", "0.5", "0.4", "0.3"]
     custom_jitter = [0.6, 0.5, 0.3] + ([] if backend == "batched" else [0.2])
-    assert augmentations(*options) == [(custom_jitter, [0.2, 0.3, 0.1])] * 2
+    assert augmentations(*options) == [(custom_jitter, [0.2, 0.3, 0.1], [0.5, 0.4, 0.3])] * 2
 
 
 def recipe_views(args, config) -> list[torch.Tensor]:
@@ -145,8 +149,9 @@ def test_fmnist_classes_recipe_is_the_default_with_ten_classes_and_self_labeling
     classes = read_recipe(ROOT / "recipes" / "configs" / "fmnist-classes.yaml")
     changed = {key for key in default.keys() | classes.keys() if default.get(key) != classes.get(key)}
     # eval_strategy: the per-epoch kNN monitor (the default's training curves) would take minutes of its budget;
-    # global_crop_scale, colour_jitter, solarize_probabilities: the default's changes, measured worse for K = 10.
-    augmentation = {"global_crop_scale", "colour_jitter", "solarize_probabilities"}
+    # global_crop_scale, colour_jitter, solarize_probabilities, equalize_probabilities: the default's changes,
+    # measured worse for K = 10.
+    augmentation = {"global_crop_scale", "colour_jitter", "solarize_probabilities", "equalize_probabilities"}
     assert changed <= {"num_classes", "num_train_epochs", "tau", "eval_strategy"} | augmentation | {
         key for key in classes if key.startswith("self_label")
     }
@@ -233,6 +238,7 @@ def test_unknown_command_line_option_is_an_error():
         ("self_label_local_crop_scale: [0, 0.2]\n", "self_label_local_crop_scale must be two numbers 0 < min"),
         ("solarize_probabilities: [0.2, 0.2]\n", "solarize_probabilities needs 3 probabilities"),
         ("solarize_probabilities: [0, 1.5, 0]\n", "solarize_probabilities must be a probability"),
+        ("equalize_probabilities: [0.5]\n", "equalize_probabilities needs 3 probabilities"),
         ("colour_jitter: [0.4, 0.4, 0.2]\n", "colour_jitter is (brightness, contrast, saturation, hue"),
         ("model_preset: resnet9000\n", "model_preset must be one of .*got 'resnet9000'"),
         ("launcher: slurm\n", "launcher must be one of 'ray', 'local'"),
