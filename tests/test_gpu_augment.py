@@ -157,36 +157,22 @@ def test_same_seed_same_views_and_sample_then_apply_resumes_exactly():
     assert all(torch.equal(a, b) for a, b in zip(transform.apply(images, parameters), first))
 
 
+def identity_geometry(size: int, **photometric) -> DeviceMultiCrop:
+    """Full-image, unflipped, unnormalised views of size x size images, with only the given photometric operations."""
+    off = {"jitter_probability": 0.0, "grayscale_probability": 0.0, "blur_probabilities": (0, 0, 0)}
+    off["solarize_probabilities"] = (0, 0, 0)
+    geometry = {"global_size": size, "global_scale": (1, 1), "ratio": (1, 1), "flip_probability": 0.0}
+    return DeviceMultiCrop(**geometry, **off, **photometric, mean=(0.0,), std=(1.0,))
+
+
 def test_full_crops_without_photometric_ops_are_the_resized_images():
-    transform = DeviceMultiCrop(
-        global_size=20,
-        global_scale=(1, 1),
-        ratio=(1, 1),
-        flip_probability=0.0,
-        jitter_probability=0.0,
-        grayscale_probability=0.0,
-        blur_probabilities=(0, 0, 0),
-        solarize_probabilities=(0, 0, 0),
-        mean=(0.0,),
-        std=(1.0,),
-    )
+    transform = identity_geometry(20)
     images = [torch.randint(0, 256, (3, 20, 20), dtype=torch.uint8) for _ in range(2)]
     torch.testing.assert_close(transform(images)[0], torch.stack(images).float() / 255, atol=1e-5, rtol=0)
 
 
 def test_equalize_equals_pillows_where_drawn():
-    photometric = {"jitter_probability": 0.0, "grayscale_probability": 0.0, "blur_probabilities": (0, 0, 0)}
-    transform = DeviceMultiCrop(
-        global_size=16,
-        global_scale=(1, 1),
-        ratio=(1, 1),
-        flip_probability=0.0,
-        solarize_probabilities=(0, 0, 0),
-        equalize_probabilities=(0.5, 0.0, 0.0),
-        mean=(0.0,),
-        std=(1.0,),
-        **photometric,
-    )
+    transform = identity_geometry(16, equalize_probabilities=(0.5, 0.0, 0.0))
     images = [torch.randint(90, 150, (3, 16, 16), dtype=torch.uint8) for _ in range(32)]
     sizes = torch.tensor([image.shape[-2:] for image in images], dtype=torch.float32)
     first, second = transform.sample(sizes, torch.Generator().manual_seed(0))
