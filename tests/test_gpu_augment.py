@@ -172,8 +172,9 @@ def test_full_crops_without_photometric_ops_are_the_resized_images():
 
 
 def test_equalize_equals_pillows_where_drawn():
-    transform = identity_geometry(16, equalize_probabilities=(0.5, 0.0, 0.0))
-    images = [torch.randint(90, 150, (3, 16, 16), dtype=torch.uint8) for _ in range(32)]
+    transform = identity_geometry(32, equalize_probabilities=(0.5, 0.0, 0.0))
+    # 32 x 32: Pillow's equalisation leaves images of fewer than 2 x 255 pixels as they are (its step is 0)
+    images = [torch.randint(90, 150, (3, 32, 32), dtype=torch.uint8) for _ in range(32)]
     sizes = torch.tensor([image.shape[-2:] for image in images], dtype=torch.float32)
     first, second = transform.sample(sizes, torch.Generator().manual_seed(0))
     assert 0 < first.equalize.sum() < len(images) and not second.equalize.any()
@@ -181,6 +182,7 @@ def test_equalize_equals_pillows_where_drawn():
     for index, image in enumerate(images):
         original = Image.fromarray(image.permute(1, 2, 0).numpy())
         expected = ImageOps.equalize(original) if first.equalize[index] else original
+        assert first.equalize[index] == (np.array(expected) != np.array(original)).any()
         expected = torch.from_numpy(np.array(expected)).permute(2, 0, 1).float() / 255
         torch.testing.assert_close(views[0][index], expected, atol=1e-5, rtol=0)
 

@@ -129,6 +129,9 @@ def test_per_image_equalize_equals_pillows():
     equalized = identity_crop(equalize_probabilities=(1, 1, 1))(image)[0]
     torch.testing.assert_close(equalized, as_view(ImageOps.equalize(image)))
     assert equalized.max() - equalized.min() > 0.9  # the narrow 90-150 range now spans (nearly) all of 0-255
+    everything = {"jitter_probability": 1.0, "grayscale_probability": 1.0, "solarize_probabilities": (1, 1, 1)}
+    chained = identity_crop(equalize_probabilities=(1, 1, 1), blur_probabilities=(1, 1, 1), **everything)(image)
+    assert chained[0].shape == (3, 40, 40)  # the operations after it take the equalised crop as it comes
 
 
 def as_view(image: Image.Image) -> torch.Tensor:
@@ -397,10 +400,10 @@ def test_rgb_grayscale_probability_one_makes_channels_equal():
 # ---------------------------------------------------------------- BatchedMultiCrop: photometric
 
 
-def identity_geometry(**photometric) -> BatchedMultiCrop:
+def identity_geometry(size: int = 16, **photometric) -> BatchedMultiCrop:
     settings = {**NO_PHOTOMETRIC, **photometric}
     return BatchedMultiCrop(
-        mean=(0.0,), std=(1.0,), global_size=16, global_scale=(1, 1), flip_probability=0.0, **settings
+        mean=(0.0,), std=(1.0,), global_size=size, global_scale=(1, 1), flip_probability=0.0, **settings
     )
 
 
@@ -438,10 +441,11 @@ def pillow_equalized(images: torch.Tensor) -> torch.Tensor:
 
 
 def test_batched_equalize_equals_pillows_and_only_where_chosen():
-    images = torch.randint(90, 150, (64, 16, 16), dtype=torch.uint8)
-    for view in identity_geometry(equalize_probabilities=(1.0, 1.0, 1.0))(images):
+    # 32 x 32: Pillow's equalisation leaves images of fewer than 2 x 255 pixels as they are (its step is 0)
+    images = torch.randint(90, 150, (64, 32, 32), dtype=torch.uint8)
+    for view in identity_geometry(32, equalize_probabilities=(1.0, 1.0, 1.0))(images):
         torch.testing.assert_close(view[:, 0], pillow_equalized(images), atol=1e-5, rtol=0)
-    first, second = identity_geometry(equalize_probabilities=(0.5, 0.0, 0.0))(images)
+    first, second = identity_geometry(32, equalize_probabilities=(0.5, 0.0, 0.0))(images)
     equalized = (first[:, 0] - images.float() / 255).flatten(1).abs().amax(dim=1) > 1e-5
     assert 0 < equalized.sum() < len(images)
     torch.testing.assert_close(first[equalized, 0], pillow_equalized(images[equalized]), atol=1e-5, rtol=0)
@@ -450,8 +454,8 @@ def test_batched_equalize_equals_pillows_and_only_where_chosen():
 
 def test_batched_views_without_equalisation_draw_nothing_for_it():
     """A probability of 0 draws nothing, so recipes without equalisation keep their views (and results)."""
-    images = random_uint8(8, 16, 16)
-    law = {"mean": (0.0,), "std": (1.0,), "global_size": 12, "num_local_crops": 1, "local_size": 8}
+    images = random_uint8(8, 32, 32)
+    law = {"mean": (0.0,), "std": (1.0,), "global_size": 28, "num_local_crops": 1, "local_size": 24}
     off, on = BatchedMultiCrop(**law), BatchedMultiCrop(**law, equalize_probabilities=(0.0, 0.0, 1.0))
     plain, equalized = off(images, torch.Generator().manual_seed(3)), on(images, torch.Generator().manual_seed(3))
     assert torch.equal(plain[0], equalized[0]) and torch.equal(plain[1], equalized[1])

@@ -182,7 +182,7 @@ class MultiCropTransform(MultiCropLaw):
         if random.random() < self.jitter_probability:
             crop = colour_jitter(crop, *self.jitter)
         if self.equalize_probabilities[view] and random.random() < self.equalize_probabilities[view]:
-            crop = equalize(torch.from_numpy(crop).permute(2, 0, 1)).permute(1, 2, 0).numpy()
+            crop = equalize(torch.from_numpy(crop).permute(2, 0, 1)).permute(1, 2, 0).contiguous().numpy()
         if random.random() < self.grayscale_probability:
             crop = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
         if random.random() < self.blur_probabilities[view]:
@@ -497,9 +497,8 @@ class BatchedMultiCrop:
 
     Per sample and view, with parameters from a seeded torch.Generator: RandomResizedCrop-law crop box,
     horizontal flip and resize in one grid_sample; with probability `jitter_probability` brightness,
-    contrast and (RGB only) saturation jitter; optional histogram equalisation; grayscale (RGB only); optional
-    Gaussian blur and
-    solarization with per-view probabilities (global0, global1, locals); normalisation. Hue jitter is
+    contrast and (RGB only) saturation jitter; optional histogram equalisation, grayscale (RGB only), Gaussian
+    blur and solarization with per-view probabilities (global0, global1, locals); normalisation. Hue jitter is
     left out. Blur is off by default: it wipes out 28-32 px images (small-image SSL recipes drop it).
     Returns [global0, global1, *locals], each float (B, 3, S, S), on the input's device.
     """
