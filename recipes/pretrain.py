@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from twist_hf.distributed import end_process_group
 from twist_hf.training import launch, parse_pretrain_args
 from twist_hf.training.launch import LaunchError, summary_lines
 
@@ -24,6 +25,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print("\n".join(summary_lines(args, metrics)))
+    end_process_group()  # under torchrun / accelerate launch (--launcher local); Ray Train ends its workers' own
     return 0
 
 

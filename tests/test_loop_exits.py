@@ -104,6 +104,7 @@ def test_a_dataset_without_a_decodable_image_is_one_clear_error(tmp_path, capsys
 RANK_STEPS_SCRIPT = textwrap.dedent("""
     import json, sys
     from twist_hf.training import LocalReporter, parse_pretrain_args
+    from twist_hf.distributed import end_process_group
     from twist_hf.training.loop import PretrainingRun
 
     args = parse_pretrain_args(sys.argv[2:])
@@ -112,6 +113,7 @@ RANK_STEPS_SCRIPT = textwrap.dedent("""
     rank = run.accelerator.process_index
     with open(f"{sys.argv[1]}/rank{rank}.json", "w") as handle:
         json.dump({"step": run.last_step, "epoch": run.epoch, "skipped": run.views.skipped.count}, handle)
+    end_process_group()  # or Gloo's threads may abort the process at exit
 """)
 
 

@@ -142,6 +142,7 @@ def test_resume_from_a_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path
 
 RANK_WEIGHTS_SCRIPT = textwrap.dedent("""
     import sys, torch
+    from twist_hf.distributed import end_process_group
     from twist_hf.training import LocalReporter, parse_pretrain_args, validate_before_launch
     from twist_hf.training.loop import PretrainingRun
 
@@ -151,6 +152,7 @@ RANK_WEIGHTS_SCRIPT = textwrap.dedent("""
     results = run.run()
     torch.save({"world": run.accelerator.num_processes, "results": results, "state": run.student.state_dict()},
                f"{sys.argv[1]}/rank{run.accelerator.process_index}.pt")
+    end_process_group()  # or Gloo's threads may abort the process at exit
 """)
 
 

@@ -49,6 +49,15 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
+def end_process_group() -> None:
+    """Destroy this process's torch.distributed groups (torchrun, accelerate launch) once it is done with them.
+    Left to interpreter shutdown, Gloo's worker threads can abort a process whose run has finished ("terminate
+    called without an active exception", pytorch/pytorch#190489). No-op without a group."""
+    if dist.is_available() and dist.is_initialized():
+        _BUNCH_GROUPS.clear()
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(tensor: torch.Tensor, group=None, group_size: int | None = None) -> torch.Tensor:
     """Differentiable sum over the ``group_size`` ranks of ``group`` (default: all); identity over one rank."""
     if group_size is None:
