@@ -497,9 +497,10 @@ class BatchedMultiCrop:
 
     Per sample and view, with parameters from a seeded torch.Generator: RandomResizedCrop-law crop box,
     horizontal flip and resize in one grid_sample; with probability `jitter_probability` brightness,
-    contrast and (RGB only) saturation jitter; optional histogram equalisation, grayscale (RGB only), Gaussian
-    blur and solarization with per-view probabilities (global0, global1, locals); normalisation. Hue jitter is
-    left out. Blur is off by default: it wipes out 28-32 px images (small-image SSL recipes drop it).
+    contrast and (RGB only) saturation jitter; optional histogram equalisation; grayscale (RGB only); optional
+    Gaussian blur and solarization; the three optional ones with per-view probabilities (global0, global1, locals);
+    normalisation. Hue jitter is left out. Blur is off by default: it wipes out 28-32 px images (small-image SSL
+    recipes drop it).
     Returns [global0, global1, *locals], each float (B, 3, S, S), on the input's device.
     """
 
