@@ -21,6 +21,7 @@ from .transforms import (
     MultiCropLaw,
     _blend,
     _grayscale,
+    bernoulli_unless_zero,
     gaussian_blur_per_sample,
     sample_crop_boxes_for_sizes,
     solarize,
@@ -88,7 +89,7 @@ class DeviceMultiCrop(MultiCropLaw):
             blur=_bernoulli(batch, self.blur_probabilities[view], generator),
             blur_sigma=torch.empty(batch).uniform_(*self.blur_sigma, generator=generator),
             solarize=_bernoulli(batch, self.solarize_probabilities[view], generator),
-            equalize=_bernoulli_if_possible(batch, self.equalize_probabilities[view], generator),
+            equalize=bernoulli_unless_zero(batch, self.equalize_probabilities[view], generator),
         )
 
     def apply(
@@ -130,11 +131,6 @@ def _check_images(images: Sequence[torch.Tensor] | torch.Tensor) -> None:
 
 def _bernoulli(batch: int, probability: float, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(batch, generator=generator) < probability
-
-
-def _bernoulli_if_possible(batch: int, probability: float, generator: torch.Generator) -> torch.Tensor:
-    """`_bernoulli`, drawing nothing when `probability` is 0, so laws without the option keep their streams."""
-    return _bernoulli(batch, probability, generator) if probability else torch.zeros(batch, dtype=torch.bool)
 
 
 def crop_resize(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:

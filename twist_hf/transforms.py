@@ -637,12 +637,17 @@ def _random_solarize(crops: torch.Tensor, probability: float, generator: torch.G
 
 
 def _random_equalize(crops: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
-    """Histogram-equalise samples chosen with `probability`; draws nothing when it is 0, so recipes without
-    equalisation keep their random streams."""
-    if probability == 0:
+    """Histogram-equalise samples chosen with `probability` (no draw when it is 0)."""
+    chosen = bernoulli_unless_zero(crops.shape[0], probability, generator)
+    if not chosen.any():
         return crops
-    chosen = _bernoulli(crops.shape[0], probability, generator).to(crops.device).view(-1, 1, 1, 1)
-    return torch.where(chosen, equalize(crops), crops)
+    return torch.where(chosen.to(crops.device).view(-1, 1, 1, 1), equalize(crops), crops)
+
+
+def bernoulli_unless_zero(batch: int, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Boolean (B,) on the CPU, True with `probability`; draws nothing when it is 0, so laws without an optional
+    operation keep their random streams."""
+    return _bernoulli(batch, probability, generator) if probability else torch.zeros(batch, dtype=torch.bool)
 
 
 def solarize(pixels: torch.Tensor) -> torch.Tensor:
