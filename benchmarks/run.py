@@ -1,10 +1,12 @@
 """Run the twist-hf benchmarks on this machine and write benchmarks/results/<device>-<date>.{json,md} and
-benchmarks/RESULTS.md (the latest table).
+benchmarks/RESULTS.md (the latest table); a run of some sections (--only) writes <sections>-<device>-<date> files
+and leaves RESULTS.md alone unless --summary names it.
 
     python benchmarks/run.py            # training step, augmentation, launchers (~7 min on 2 idle CPU cores)
     python benchmarks/run.py --quick    # smaller batches, fewer steps
     python benchmarks/run.py --quality  # also the default Fashion-MNIST run and its baselines (~15 min in all)
     python benchmarks/run.py --smoke    # tiny sizes, one repetition (the test suite's smoke test)
+    python benchmarks/run.py --only quality --quality   # one section: results/quality-<device>-<date>.{json,md}
 """
 
 from __future__ import annotations
@@ -50,8 +52,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3, smoke 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--results-dir", default=str(HERE / "results"))
-    parser.add_argument("--summary", default=str(HERE / "RESULTS.md"), help="where the latest table is copied")
+    parser.add_argument(
+        "--summary",
+        default=None,
+        help="where the report is copied (default: RESULTS.md for a run of every section; none with --only, so "
+        "a partial run never replaces the full table)",
+    )
     return parser.parse_args(argv)
+
+
+def output_paths(args: argparse.Namespace, device: torch.device, date: str) -> tuple[str, Path | None]:
+    """The results file stem (`<device>-<date>`, prefixed by the sections of an --only run) and the summary to write."""
+    prefix = "-".join(args.only) + "-" if args.only else ""
+    stem = f"{prefix}{device_slug(device)}-{date}{'-smoke' if args.smoke else ''}"
+    if args.summary is not None:
+        return stem, Path(args.summary)
+    return stem, None if args.only else HERE / "RESULTS.md"
 
 
 def chosen_sections(args: argparse.Namespace) -> list[str]:
@@ -243,14 +259,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     header = {"machine": machine_info(device), "mode": "smoke" if args.smoke else "quick" if args.quick else "full"}
-    stem = f"{device_slug(device)}-{header['machine']['date']}{'-smoke' if args.smoke else ''}"
+    stem, summary = output_paths(args, device, header["machine"]["date"])
     results_dir = Path(args.results_dir)
 
     def save(sections: dict) -> None:
         write_json(results_dir / f"{stem}.json", {**header, **sections})
         report = markdown_report({**header, **sections})
         (results_dir / f"{stem}.md").write_text(report)
-        Path(args.summary).write_text(report)
+        if summary is not None:
+            summary.write_text(report)
 
     results = {**header, **run_sections(args, device, save)}
     results["complete"] = True

@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import run as benchmark_run
 from gpu import markdown, run_section
-from harness import fmt_range, rates, ratio, summarise, time_repeated
+from harness import device_slug, fmt_range, rates, ratio, summarise, time_repeated
 from launchers import steady_step_seconds
 
 
@@ -56,6 +58,22 @@ def run_benchmark_script(name: str, *arguments: str, timeout: float) -> None:
         timeout=timeout,
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
+
+
+def test_a_run_of_some_sections_names_its_files_after_them_and_keeps_the_full_table():
+    cpu, slug = torch.device("cpu"), device_slug(torch.device("cpu"))
+    only_quality = benchmark_run.parse_args(["--only", "quality", "--quality"])
+    assert benchmark_run.output_paths(only_quality, cpu, "2026-12-04") == (f"quality-{slug}-2026-12-04", None)
+    named = benchmark_run.parse_args(["--only", "quality", "launchers", "--summary", "mine.md"])
+    assert benchmark_run.output_paths(named, cpu, "2026-12-04") == (
+        f"quality-launchers-{slug}-2026-12-04",
+        Path("mine.md"),
+    )
+    smoke = benchmark_run.parse_args(["--smoke"])
+    assert benchmark_run.output_paths(smoke, cpu, "2026-12-04") == (
+        f"{slug}-2026-12-04-smoke",
+        REPO / "benchmarks" / "RESULTS.md",
+    )
 
 
 def test_smoke_run_writes_results_and_table(tmp_path):
