@@ -54,10 +54,12 @@ DEFAULT_RUN_TRAIN_S = 465.0
 GLOBAL_BATCH = 256  # the default recipe's 2 workers x 128
 NUM_LABELS = 10
 # Base learning rates (SGD, global batch 256): TWIST's is the recipe's; each peer's is the best kNN top-1 of a sweep
-# at 90 s of training (2026-12-02, idle 2-core AMD EPYC, fp32; RESULTS.md): SwAV 0.06 / 0.12 / 0.3 / 0.6 -> 0.831 /
-# 0.836 / 0.839 / 0.836, Barlow Twins 0.601-0.669 (best 0.3; 0.6 ties it), DINO 0.06 .. 1.2 -> 0.797 / 0.800 / 0.804
-# / 0.813 / 0.810. Sweep again with --learning_rates.
-DEFAULT_LEARNING_RATES = {"twist": 0.3, "swav": 0.3, "barlow_twins": 0.3, "dino": 0.6}
+# at 120 s of training with the default recipe's augmentation (2026-12-04, idle 2-core AMD EPYC Zen 4, bf16;
+# results/peers-cpu-2c-2026-12-04-lr-sweep-120s.md): SwAV 0.12 / 0.3 / 0.6 -> 0.850 / 0.861 / 0.866, Barlow Twins
+# 0.3 / 0.6 / 1.2 -> 0.723 / 0.740 / 0.746, DINO 0.3 / 0.6 / 1.2 -> 0.816 / 0.806 / 0.805 (TWIST 0.863). The sweep
+# before it (90 s, Zen 3, fp32, the paper's augmentation) had chosen 0.3, 0.3 and 0.6. Sweep again with
+# --learning_rates.
+DEFAULT_LEARNING_RATES = {"twist": 0.3, "swav": 0.6, "barlow_twins": 1.2, "dino": 0.3}
 METHODS = tuple(DEFAULT_LEARNING_RATES)
 SCHEDULE_RESOLUTION = 100_000  # the recipe's step schedule, indexed by elapsed fraction of the budget
 SECTION_START, SECTION_END = "<!-- peers:start -->", "<!-- peers:end -->"  # the peers section of RESULTS.md
