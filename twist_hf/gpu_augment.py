@@ -19,6 +19,7 @@ from torchvision.transforms.v2.functional import equalize
 
 from .transforms import (
     MultiCropLaw,
+    _bernoulli,
     _blend,
     _grayscale,
     bernoulli_unless_zero,
@@ -127,10 +128,6 @@ def _check_images(images: Sequence[torch.Tensor] | torch.Tensor) -> None:
                 f"Expected uint8 images (C, H, W) with C in {{1, 3}}, got {image.dtype} {tuple(image.shape)}; "
                 "decode to uint8 and drop alpha first."
             )
-
-
-def _bernoulli(batch: int, probability: float, generator: torch.Generator) -> torch.Tensor:
-    return torch.rand(batch, generator=generator) < probability
 
 
 def crop_resize(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
